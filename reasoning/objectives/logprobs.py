@@ -1,0 +1,104 @@
+"""Per-token log-probabilities and entropies, computed without full-vocabulary logits for a batch.
+
+Alignment: for a sequence `ids [B, L]` with final hidden states `hidden [B, L, H]`, the
+log-probability of token `ids[:, t]` uses `hidden[:, t - 1]`. Callers pass the hidden states
+already aligned with their targets.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Σ x·mask over `dim` (all elements when None)."""
+    product = x * mask.to(x.dtype)
+    return product.sum() if dim is None else product.sum(dim=dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Σ x·mask / Σ mask over `dim` (all elements when None); 0 where the mask is empty."""
+    mask = mask.to(x.dtype)
+    total = masked_sum(x, mask, dim)
+    count = mask.sum() if dim is None else mask.sum(dim=dim)
+    return total / count.clamp(min=1)
+
+
+def token_logprobs_from_logits(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """`logits [B, T, V]`, `targets [B, T]` -> log softmax(logits/τ)[target]  `[B, T]` (the naive form)."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """`logits [B, T, V]` -> H(softmax(logits/τ)) = logsumexp(ℓ) − Σ_v p_v ℓ_v  `[B, T]`."""
+    logits = logits.float() / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def _chunk_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = hidden.float() @ weight.float().t()
+    if bias is not None:
+        logits = logits + bias.float()
+    logits = logits / temperature
+    normaliser = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
+    if with_entropy:
+        probs = torch.softmax(logits, dim=-1)
+        entropy = normaliser - (probs * logits).sum(dim=-1)
+    else:
+        entropy = torch.zeros_like(logp)
+    return logp, entropy
+
+
+def token_logprobs_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs and entropies from hidden states and the LM head, chunk by chunk.
+
+    `hidden [B, T, H]`, `weight [V, H]`, `targets [B, T]` ->
+    `logp [B, T]` = log softmax((h·Wᵀ + b)/τ)[target] and, with `with_entropy`, `entropy [B, T]`
+    = H(softmax((h·Wᵀ + b)/τ)). The B·T rows are processed `chunk_size` at a time under
+    activation checkpointing, so only one chunk's logits [chunk, V] exist at once, in the
+    forward and in the backward pass. Accumulation is in fp32 whatever the input dtype.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to score tokens, got {temperature}")
+    batch, length = targets.shape
+    flat_hidden = hidden.reshape(batch * length, hidden.shape[-1])
+    flat_targets = targets.reshape(batch * length)
+    needs_grad = torch.is_grad_enabled() and (
+        flat_hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    logps, entropies = [], []
+    for start in range(0, batch * length, chunk_size):
+        rows = slice(start, start + chunk_size)
+        args = (flat_hidden[rows], weight, bias, flat_targets[rows], temperature, with_entropy)
+        if needs_grad:
+            logp, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            logp, entropy = _chunk_logprobs(*args)
+        logps.append(logp)
+        entropies.append(entropy)
+    logp = torch.cat(logps).view(batch, length) if logps else flat_hidden.new_zeros(batch, length).float()
+    if not with_entropy:
+        return logp, None
+    entropy = torch.cat(entropies).view(batch, length) if entropies else torch.zeros_like(logp)
+    return logp, entropy

@@ -1,0 +1,47 @@
+"""Correctness rewards: the task's own verifier for synthetic tasks, math-verify otherwise."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from reasoning.data.templates import PlainTemplate
+from reasoning.rewards.math import grade
+
+
+@lru_cache(maxsize=32)
+def _task(spec: str):
+    from reasoning.data.synthetic import task_from_spec
+
+    return task_from_spec(spec)
+
+
+def completion_text(completion: Any) -> str:
+    """A completion as text: TRL passes strings, or chat message lists for conversational data."""
+    if isinstance(completion, list):
+        return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
+    return str(completion)
+
+
+def is_correct(completion: Any, record: dict[str, Any]) -> bool:
+    """Whether a completion answers `record` correctly.
+
+    Records of synthetic tasks carry a `task` spec (e.g. "countdown?n_numbers=3"): their answer
+    follows the plain template's answer marker and is checked by the task's verifier. Other
+    records are graded against `answer` with math-verify (`grade`).
+    """
+    text = completion_text(completion)
+    spec = record.get("task")
+    if spec:
+        _, answer = PlainTemplate().split_completion(text)
+        return answer is not None and _task(spec).verify(record, answer)
+    return grade(text, str(record["answer"]))
+
+
+def correctness(prompts: list, completions: list, **columns: Any) -> list[float]:
+    """TRL-style reward: 1.0 for a correct final answer, 0.0 otherwise."""
+    keys = [k for k, v in columns.items() if isinstance(v, list) and len(v) == len(completions)]
+    return [
+        float(is_correct(completion, {k: columns[k][i] for k in keys}))
+        for i, completion in enumerate(completions)
+    ]

@@ -1,0 +1,35 @@
+"""Rollout engines: one interface (`generate`, `sync_weights`), three backends.
+
+`make_engine("hf" | "vllm" | "vllm-server", model_path, **kw)` builds one. Backends import
+their heavy libraries only when chosen.
+"""
+
+from __future__ import annotations
+
+from reasoning.rollout.base import Rollout, RolloutEngine, Sampling
+
+ENGINE_KINDS = ("hf", "vllm", "vllm-server")
+
+
+def make_engine(kind: str, model_path: str, **kw) -> RolloutEngine:
+    """Build the rollout engine `kind` for the checkpoint at `model_path`.
+
+    `hf`: transformers `generate` (reference, works everywhere). `vllm`: vLLM in this process
+    (colocated with training). `vllm-server`: remote `vllm serve` processes over HTTP.
+    """
+    if kind == "hf":
+        from reasoning.rollout.hf import HFEngine
+
+        return HFEngine(model_path, **kw)
+    if kind == "vllm":
+        from reasoning.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_path, **kw)
+    if kind == "vllm-server":
+        from reasoning.rollout.server import VLLMServerEngine
+
+        return VLLMServerEngine(model_path, **kw)
+    raise ValueError(f"unknown rollout engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}")
+
+
+__all__ = ["ENGINE_KINDS", "Rollout", "RolloutEngine", "Sampling", "make_engine"]

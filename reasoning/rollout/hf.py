@@ -1,0 +1,155 @@
+"""Rollouts with transformers `generate`: slow, works everywhere, the reference for correctness."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from reasoning.rollout.base import Rollout, Sampling
+
+
+class HFEngine:
+    """Generation with `model.generate`, batched over prompts, left-padded.
+
+    The engine either loads its own copy of the model from `model_path` or wraps a live model
+    (`model=`), in which case `sync_weights` of that same model is a no-op.
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        *,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        dtype: str | torch.dtype = "float32",
+        device: str | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        if model is None and model_path is None:
+            raise ValueError("HFEngine needs a model_path or a live model=")
+        if model is None:
+            torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+            if device:
+                model.to(device)
+        self.model = model
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path or model.name_or_path)
+        self.batch_size = batch_size
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Copy `model`'s weights into the engine's model (no-op when it is the same object)."""
+        target = getattr(model, "module", model)
+        if target is self.model:
+            return
+        self.model.load_state_dict(target.state_dict())
+
+    def close(self) -> None:
+        self.model = None
+
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, n: int = 1) -> list[list[Rollout]]:
+        """For each prompt, `n` completions with their sampling log-probs and finish reasons."""
+        results: list[list[Rollout]] = []
+        rng = torch.random.fork_rng(devices=[]) if sampling.seed is not None else contextlib.nullcontext()
+        with rng:
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            for start in range(0, len(prompt_ids), self.batch_size):
+                batch = prompt_ids[start : start + self.batch_size]
+                results.extend(self._generate_batch(batch, sampling, n, start))
+        return results
+
+    @torch.no_grad()
+    def _generate_batch(
+        self, batch: list[list[int]], sampling: Sampling, n: int, offset: int
+    ) -> list[list[Rollout]]:
+        width = max(len(p) for p in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
+        eos_ids = [self.tokenizer.eos_token_id, *sampling.stop_token_ids]
+        kwargs = dict(
+            max_new_tokens=sampling.max_tokens,
+            num_return_sequences=n,
+            eos_token_id=eos_ids,
+            pad_token_id=self.pad_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        if sampling.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k > 0 else None,
+            )
+        if sampling.stop:
+            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), **kwargs
+            )
+        finally:
+            self.model.train(was_training)
+        new_tokens = out.sequences[:, width:].cpu()
+        # scores are the processed (warped) logits the sampler drew from: their log-softmax at the
+        # chosen token is the behaviour log-probability.
+        scores = torch.stack(out.scores, dim=1).float().cpu() if out.scores else torch.empty(0)
+        token_logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        grouped: list[list[Rollout]] = []
+        for row, ids in enumerate(batch):
+            rollouts = []
+            for j in range(n):
+                k = row * n + j
+                rollouts.append(
+                    self._finish(ids, new_tokens[k].tolist(), token_logprobs[k].tolist(), sampling)
+                )
+                rollouts[-1].prompt_index = offset + row
+            grouped.append(rollouts)
+        return grouped
+
+    def _finish(
+        self, prompt: list[int], tokens: list[int], logprobs: list[float], sampling: Sampling
+    ) -> Rollout:
+        """Cut a generated row at its first stop (EOS/stop id kept, stop string's text dropped)."""
+        stop_ids = {self.tokenizer.eos_token_id, *sampling.stop_token_ids}
+        length, finish = len(tokens), "length"
+        for t, token in enumerate(tokens):
+            if token in stop_ids:
+                length, finish = t + 1, "stop"
+                break
+        tokens, logprobs = tokens[:length], logprobs[:length]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if sampling.stop:
+            cut = _first_stop(text, sampling.stop)
+            if cut is not None:
+                # keep tokens up to the one that completed the stop string
+                for t in range(1, len(tokens) + 1):
+                    if _first_stop(
+                        self.tokenizer.decode(tokens[:t], skip_special_tokens=True), sampling.stop
+                    ):
+                        tokens, logprobs = tokens[:t], logprobs[:t]
+                        break
+                text, finish = text[:cut], "stop"
+        return Rollout(
+            prompt_ids=list(prompt), completion_ids=tokens, logprobs=logprobs, finish_reason=finish, text=text
+        )
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    positions = [text.find(s) for s in stops if s and s in text]
+    return min(positions) if positions else None

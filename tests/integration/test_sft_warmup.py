@@ -1,0 +1,67 @@
+"""The SFT warm-up recipe trains the tiny model through the real CLI, and `reasoning eval` scores it."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "reasoning", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_sft_warmup_reaches_half_accuracy_within_three_minutes(tmp_path):
+    run_dir = tmp_path / "sft"
+    start = time.monotonic()
+    result = run_cli(
+        "train",
+        "recipes/demo/sft.yaml",
+        f"--training.output_dir={run_dir}",
+        "--eval.benchmarks=[]",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train_seconds"] <= 180, summary
+    assert (run_dir / "final" / "config.json").exists()
+    assert (run_dir / "metrics.jsonl").read_text().strip()
+    print(f"SFT wall time {time.monotonic() - start:.0f}s, training {summary['train_seconds']:.0f}s")
+
+    result = run_cli(
+        "eval",
+        "--model",
+        str(run_dir / "final"),
+        "--benchmarks",
+        "addition",
+        "--n",
+        "1",
+        "--temperature",
+        "0",
+        "--output-dir",
+        str(tmp_path / "eval"),
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    addition = results["benchmarks"]["addition"]
+    assert addition["problems"] == 200
+    print(f"greedy held-out accuracy after SFT: {addition['avg@1']:.3f}")
+    assert addition["avg@1"] >= 0.5
+    lines = (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 200
+    assert {"question", "completion", "answer", "correct", "gold"} <= set(json.loads(lines[0]))
