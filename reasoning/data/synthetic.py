@@ -95,7 +95,7 @@ class AdditionTask:
             question = problem.question if isinstance(problem, Problem) else problem["question"]
             a, b = (int(x) for x in question.split("+"))
             text = str(answer).strip()
-            return text.isdigit() and len(text) <= 40 and int(text) == a + b
+            return text.isascii() and text.isdigit() and len(text) <= 40 and int(text) == a + b
         except Exception:
             return False
 

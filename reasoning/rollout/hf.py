@@ -133,7 +133,9 @@ class HFEngine:
                 length, finish = t + 1, "stop"
                 break
         tokens, logprobs = tokens[:length], logprobs[:length]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        # as in vLLM, the stop token stays in the ids but not in the text
+        shown = tokens[:-1] if finish == "stop" else tokens
+        text = self.tokenizer.decode(shown, skip_special_tokens=True)
         if sampling.stop:
             cut = _first_stop(text, sampling.stop)
             if cut is not None:

@@ -110,6 +110,7 @@ class VLLMEngine:
         dtype: str = "float32",
         max_model_len: int = 1024,
         gpu_memory_utilization: float = 0.3,
+        cpu_kv_cache_gib: float = 1.0,
         seed: int = 0,
         enable_sleep_mode: bool | None = None,
         enforce_eager: bool | None = None,
@@ -142,6 +143,10 @@ class VLLMEngine:
         )
         if cuda:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            # The CPU build sizes the cache as a fraction of the NUMA node minus this whole process's
+            # memory (the trainer's included), which fails in a training process: give it a size.
+            kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
         if distributed_executor_backend:
             kwargs["distributed_executor_backend"] = distributed_executor_backend
         kwargs.update(llm_kwargs)
