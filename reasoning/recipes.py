@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -177,8 +178,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise RecipeError(f"cannot override {dotted}: section {section!r} is not a mapping")
-        raw[section][key] = yaml.safe_load(value)
+        raw[section][key] = _scalar(yaml.safe_load(value))
     return raw
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _scalar(value: Any) -> Any:
+    """YAML 1.1 reads `1e-5` as a string; numbers written that way are meant as floats."""
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    return value
+
+
+def _coerce(values: Any) -> Any:
+    if isinstance(values, dict):
+        return {k: _coerce(v) for k, v in values.items()}
+    if isinstance(values, list):
+        return [_coerce(v) for v in values]
+    return _scalar(values)
 
 
 def parse_recipe(raw: dict[str, Any], source: Path | None = None) -> Recipe:
@@ -214,7 +233,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {err}") from err
-    return parse_recipe(apply_overrides(raw or {}, overrides or []), source=path)
+    return parse_recipe(apply_overrides(_coerce(raw or {}), overrides or []), source=path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: force exactly max_tokens tokens
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

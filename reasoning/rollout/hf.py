@@ -77,11 +77,12 @@ class HFEngine:
         for row, ids in enumerate(batch):
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention[row, width - len(ids) :] = 1
-        eos_ids = [self.tokenizer.eos_token_id, *sampling.stop_token_ids]
+        eos_ids = [] if sampling.ignore_eos else [self.tokenizer.eos_token_id, *sampling.stop_token_ids]
         kwargs = dict(
             max_new_tokens=sampling.max_tokens,
             num_return_sequences=n,
-            eos_token_id=eos_ids,
+            eos_token_id=eos_ids or None,
+            min_new_tokens=sampling.max_tokens if sampling.ignore_eos else None,
             pad_token_id=self.pad_id,
             output_scores=True,
             return_dict_in_generate=True,
@@ -126,7 +127,7 @@ class HFEngine:
         self, prompt: list[int], tokens: list[int], logprobs: list[float], sampling: Sampling
     ) -> Rollout:
         """Cut a generated row at its first stop (EOS/stop id kept, stop string's text dropped)."""
-        stop_ids = {self.tokenizer.eos_token_id, *sampling.stop_token_ids}
+        stop_ids = set() if sampling.ignore_eos else {self.tokenizer.eos_token_id, *sampling.stop_token_ids}
         length, finish = len(tokens), "length"
         for t, token in enumerate(tokens):
             if token in stop_ids:

@@ -58,6 +58,9 @@ def test_sft_warmup_reaches_half_accuracy_within_three_minutes(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["sampling"] == {"n": 1, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+    assert results["dtype"] == "float32" and results["engine"] == "hf"
+    assert {"torch", "transformers", "math-verify"} <= set(results["versions"])
     addition = results["benchmarks"]["addition"]
     assert addition["problems"] == 200
     print(f"greedy held-out accuracy after SFT: {addition['avg@1']:.3f}")

@@ -83,3 +83,12 @@ def test_bad_yaml_and_missing_file(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(base()))
     assert load_recipe(good).data.train == "synthetic:addition?n=10"
+
+
+def test_exponent_floats_are_numbers(tmp_path):
+    raw = base()
+    raw["training"]["learning_rate"] = "1e-5"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(path, ["--training.weight_decay", "2e-3"])
+    assert recipe.training["learning_rate"] == 1e-5 and recipe.training["weight_decay"] == 2e-3

@@ -1,0 +1,68 @@
+"""`reasoning eval` on real benchmark files, and clear errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "reasoning", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_eval_writes_results_and_samples_for_real_benchmarks(trained_tiny_dir, tmp_path):
+    out = tmp_path / "eval"
+    result = run_cli(
+        "eval",
+        "--model",
+        str(trained_tiny_dir),
+        "--benchmarks",
+        "gsm8k,math500",
+        "--n",
+        "2",
+        "--temperature",
+        "0.6",
+        "--limit",
+        "3",
+        "--max-tokens",
+        "16",
+        "--output-dir",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["benchmarks"]) == {"gsm8k", "math500"}
+    for metrics in results["benchmarks"].values():
+        assert {"avg@2", "pass@1", "pass@2", "maj@2", "problems"} <= set(metrics) and metrics["problems"] == 3
+    lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 * 3 * 2
+    assert "gsm8k" in result.stderr or "gsm8k" in result.stdout  # the results table is printed
+
+
+def test_eval_unknown_benchmark_is_a_clear_error(trained_tiny_dir):
+    result = run_cli("eval", "--model", str(trained_tiny_dir), "--benchmarks", "gsm9k")
+    assert result.returncode == 2
+    assert "unknown benchmark" in result.stderr and "gsm8k" in result.stderr
+
+
+def test_train_unknown_key_is_a_clear_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "trainer: sft\nmodel: {tiny: 1m}\ndata: {train: 'synthetic:addition?n=10'}\ntraining: {max_step: 1}\n"
+    )
+    result = run_cli("train", str(recipe))
+    assert result.returncode == 2
+    assert "unknown key 'max_step' in section 'training'; did you mean 'max_steps'?" in " ".join(
+        result.stderr.split()
+    )
