@@ -140,8 +140,9 @@ class GRPOTrainer(RolloutTrainer):
             return weighted_nll(logp, mask, batch["weights"]) / accumulation
         old = batch.get("old_logprobs")
         old = logp.detach() if old is None else old
-        mismatch = (old - batch["engine_logprobs"].to(old.device)).abs()
-        self.record("sampling/logp_difference_mean", masked_mean(mismatch, mask))
+        if "engine_logprobs" in batch:
+            mismatch = (old - batch["engine_logprobs"].to(old.device)).abs()
+            self.record("sampling/logp_difference_mean", masked_mean(mismatch, mask))
         per_token, stats = clipped_surrogate(
             logp,
             old,

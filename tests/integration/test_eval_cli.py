@@ -66,3 +66,54 @@ def test_train_unknown_key_is_a_clear_error(tmp_path):
     assert "unknown key 'max_step' in section 'training'; did you mean 'max_steps'?" in " ".join(
         result.stderr.split()
     )
+
+
+def test_accelerate_launch_runs_a_recipe_single_process(tmp_path):
+    """`accelerate launch -m reasoning train RECIPE.yaml` (single CPU process) trains and saves."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "ACCELERATE_USE_CPU": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "reasoning",
+        "train",
+        "recipes/demo/sft.yaml",
+        f"--training.output_dir={tmp_path / 'run'}",
+        "--training.max_steps=3",
+        "--data.train=synthetic:addition?n=300&split=train",
+        "--eval.benchmarks=[]",
+    ]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_eval_with_the_vllm_engine(trained_tiny_dir, tmp_path):
+    out = tmp_path / "eval"
+    result = run_cli(
+        "eval",
+        "--model",
+        str(trained_tiny_dir),
+        "--benchmarks",
+        "addition",
+        "--limit",
+        "20",
+        "--engine",
+        "vllm",
+        "--output-dir",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["engine"] == "vllm" and results["benchmarks"]["addition"]["problems"] == 20

@@ -1,4 +1,4 @@
-"""The SFT warm-up recipe trains the tiny model through the real CLI, and `reasoning eval` scores it."""
+"""`reasoning demo` trains the tiny model through the real CLI; `reasoning eval` scores the checkpoint."""
 
 import json
 import os
@@ -25,22 +25,20 @@ def run_cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_sft_warmup_reaches_half_accuracy_within_three_minutes(tmp_path):
-    run_dir = tmp_path / "sft"
+def test_demo_sft_warmup_reaches_half_accuracy_within_three_minutes(tmp_path):
+    """The README's main command: SFT warm-up of the tiny model, evaluated before and after."""
     start = time.monotonic()
-    result = run_cli(
-        "train",
-        "recipes/demo/sft.yaml",
-        f"--training.output_dir={run_dir}",
-        "--eval.benchmarks=[]",
-        timeout=600,
-    )
+    result = run_cli("demo", "--run-dir", str(tmp_path / "demo"), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    demo = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert [s["model"] for s in demo["stages"]] == ["initial model", "after sft"]
+    assert demo["stages"][0]["accuracy"] < 0.05
+    run_dir = tmp_path / "demo" / "sft"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["train_seconds"] <= 180, summary
     assert (run_dir / "final" / "config.json").exists()
     assert (run_dir / "metrics.jsonl").read_text().strip()
-    print(f"SFT wall time {time.monotonic() - start:.0f}s, training {summary['train_seconds']:.0f}s")
+    print(f"demo wall time {time.monotonic() - start:.0f}s, SFT training {summary['train_seconds']:.0f}s")
 
     result = run_cli(
         "eval",
@@ -65,6 +63,7 @@ def test_sft_warmup_reaches_half_accuracy_within_three_minutes(tmp_path):
     assert addition["problems"] == 200
     print(f"greedy held-out accuracy after SFT: {addition['avg@1']:.3f}")
     assert addition["avg@1"] >= 0.5
+    assert addition["avg@1"] == pytest.approx(demo["stages"][1]["accuracy"])
     lines = (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 200
     assert {"question", "completion", "answer", "correct", "gold"} <= set(json.loads(lines[0]))
