@@ -17,7 +17,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-from reasoning.data.templates import Template, encode, template_for
+from reasoning.data.templates import Template, template_for
 from reasoning.objectives.logprobs import token_logprobs_from_logits
 
 
@@ -54,23 +54,27 @@ def tokenize_sft(
     template = template or template_for(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
-    def encode_one(row: dict[str, Any]) -> dict[str, Any]:
+    def encode_batch(rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
         if config.posterior:
-            prompt = template.posterior_prompt(
-                row["question"], row[config.hint_column], tokenizer, hint_after=config.hint_after
-            )
+            prompts = [
+                template.posterior_prompt(q, h, tokenizer, hint_after=config.hint_after)
+                for q, h in zip(rows["question"], rows[config.hint_column])
+            ]
         else:
-            prompt = template.prior_prompt(row["question"], tokenizer)
-        prompt_ids = encode(tokenizer, prompt)
-        completion_ids = encode(tokenizer, template.completion(row["solution"], row["answer"])) + eos
+            prompts = [template.prior_prompt(q, tokenizer) for q in rows["question"]]
+        completions = [template.completion(z, y) for z, y in zip(rows["solution"], rows["answer"])]
+        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        completion_ids = [c + eos for c in tokenizer(completions, add_special_tokens=False)["input_ids"]]
         return {
-            "input_ids": prompt_ids + completion_ids,
-            "labels": [-100] * len(prompt_ids) + completion_ids,
-            "weight": float(row.get("weight", 1.0)),
+            "input_ids": [p + c for p, c in zip(prompt_ids, completion_ids)],
+            "labels": [[-100] * len(p) + c for p, c in zip(prompt_ids, completion_ids)],
+            "weight": [float(w) for w in rows.get("weight", [1.0] * len(prompts))],
         }
 
     keep = [c for c in records.column_names if c == "weight"]
-    tokenized = records.map(encode_one, remove_columns=[c for c in records.column_names if c not in keep])
+    tokenized = records.map(
+        encode_batch, batched=True, remove_columns=[c for c in records.column_names if c not in keep]
+    )
     return tokenized.filter(lambda row: len(row["input_ids"]) <= config.max_length)
 
 
