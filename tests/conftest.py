@@ -1,6 +1,9 @@
 """Shared fixtures: a briefly trained tiny model (non-degenerate outputs) and one vLLM engine per session."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -43,3 +46,20 @@ def vllm_engine(trained_tiny_dir):
     engine = VLLMEngine(str(trained_tiny_dir), dtype="float32", max_model_len=256, seed=0)
     yield engine
     engine.close()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """Run the real `reasoning` command (`python -m reasoning ...`) from the repository root."""
+
+    def run(*args: str, timeout: float = 600, env: dict | None = None, module: list[str] | None = None):
+        environment = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
+        command = [sys.executable, *(module or ["-m", "reasoning"]), *args]
+        return subprocess.run(
+            command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout
+        )
+
+    return run

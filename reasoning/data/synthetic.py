@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import random
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -46,9 +47,23 @@ class Problem:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _check_split(split: str) -> None:
+def draw_problems(
+    draw: Callable[[random.Random], Problem | None], n: int, seed: int, split: str, what: str
+) -> list[Problem]:
+    """`n` problems of `split` from `draw(rng)` (which may return None to reject), seeded."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = random.Random(seed)
+    problems: list[Problem] = []
+    for _ in range(1000 * n + 1000):
+        if len(problems) == n:
+            return problems
+        problem = draw(rng)
+        if problem is not None and _keep(problem.question, split):
+            problems.append(problem)
+    if len(problems) == n:
+        return problems
+    raise ValueError(f"could not draw {n} {split} problems of {what}; relax the task settings")
 
 
 @dataclass(frozen=True)
@@ -75,19 +90,11 @@ class AdditionTask:
             carry = total // 10
         return Problem(f"{a}+{b}", ",".join(steps), str(a + b), {"a": a, "b": b})
 
+    def draw(self, rng: random.Random) -> Problem:
+        return self.solve(rng.randrange(10**self.digits), rng.randrange(10**self.digits))
+
     def generate(self, n: int, seed: int = 0, split: str = "all") -> list[Problem]:
-        _check_split(split)
-        rng = random.Random(seed)
-        problems: list[Problem] = []
-        attempts = 0
-        while len(problems) < n:
-            attempts += 1
-            if attempts > 100 * n + 1000:
-                raise ValueError(f"could not draw {n} {split} addition problems with {self.digits} digits")
-            a, b = rng.randrange(10**self.digits), rng.randrange(10**self.digits)
-            if _keep(f"{a}+{b}", split):
-                problems.append(self.solve(a, b))
-        return problems
+        return draw_problems(self.draw, n, seed, split, f"{self.digits}-digit addition")
 
     def verify(self, problem: Problem | dict, answer: str) -> bool:
         """The answer is the sum written as a plain non-negative integer."""
@@ -267,18 +274,7 @@ class CountdownTask:
         return Problem(question, ",".join(root.steps), root.text, {"numbers": numbers, "target": target})
 
     def generate(self, n: int, seed: int = 0, split: str = "all") -> list[Problem]:
-        _check_split(split)
-        rng = random.Random(seed)
-        problems: list[Problem] = []
-        attempts = 0
-        while len(problems) < n:
-            attempts += 1
-            if attempts > 1000 * n + 1000:
-                raise ValueError(f"could not draw {n} countdown problems with these settings")
-            problem = self._draw(rng)
-            if problem is not None and _keep(problem.question, split):
-                problems.append(problem)
-        return problems
+        return draw_problems(self._draw, n, seed, split, f"countdown ({self.spec()})")
 
     @staticmethod
     def _parse_question(problem: Problem | dict) -> tuple[list[int], int]:

@@ -1,27 +1,9 @@
 """`reasoning eval` on real benchmark files, and clear errors for bad input."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "reasoning", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def test_eval_writes_results_and_samples_for_real_benchmarks(trained_tiny_dir, tmp_path):
+def test_eval_writes_results_and_samples_for_real_benchmarks(trained_tiny_dir, tmp_path, run_cli):
     out = tmp_path / "eval"
     result = run_cli(
         "eval",
@@ -50,13 +32,13 @@ def test_eval_writes_results_and_samples_for_real_benchmarks(trained_tiny_dir, t
     assert "gsm8k" in result.stderr or "gsm8k" in result.stdout  # the results table is printed
 
 
-def test_eval_unknown_benchmark_is_a_clear_error(trained_tiny_dir):
+def test_eval_unknown_benchmark_is_a_clear_error(trained_tiny_dir, run_cli):
     result = run_cli("eval", "--model", str(trained_tiny_dir), "--benchmarks", "gsm9k")
     assert result.returncode == 2
     assert "unknown benchmark" in result.stderr and "gsm8k" in result.stderr
 
 
-def test_train_unknown_key_is_a_clear_error(tmp_path):
+def test_train_unknown_key_is_a_clear_error(tmp_path, run_cli):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "trainer: sft\nmodel: {tiny: 1m}\ndata: {train: 'synthetic:addition?n=10'}\ntraining: {max_step: 1}\n"
@@ -68,11 +50,9 @@ def test_train_unknown_key_is_a_clear_error(tmp_path):
     )
 
 
-def test_accelerate_launch_runs_a_recipe_single_process(tmp_path):
+def test_accelerate_launch_runs_a_recipe_single_process(tmp_path, run_cli):
     """`accelerate launch -m reasoning train RECIPE.yaml` (single CPU process) trains and saves."""
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "ACCELERATE_USE_CPU": "1"}
-    command = [
-        sys.executable,
+    launcher = [
         "-m",
         "accelerate.commands.launch",
         "--cpu",
@@ -86,20 +66,23 @@ def test_accelerate_launch_runs_a_recipe_single_process(tmp_path):
         "no",
         "-m",
         "reasoning",
+    ]
+    result = run_cli(
         "train",
         "recipes/demo/sft.yaml",
         f"--training.output_dir={tmp_path / 'run'}",
         "--training.max_steps=3",
         "--data.train=synthetic:addition?n=300&split=train",
         "--eval.benchmarks=[]",
-    ]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        env={"ACCELERATE_USE_CPU": "1"},
+        module=launcher,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     assert (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_eval_with_the_vllm_engine(trained_tiny_dir, tmp_path):
+def test_eval_with_the_vllm_engine(trained_tiny_dir, tmp_path, run_cli):
     out = tmp_path / "eval"
     result = run_cli(
         "eval",

@@ -1,31 +1,13 @@
 """`reasoning demo` trains the tiny model through the real CLI; `reasoning eval` scores the checkpoint."""
 
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "reasoning", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
 
 @pytest.mark.slow
-def test_demo_sft_warmup_reaches_half_accuracy_within_three_minutes(tmp_path):
+def test_demo_sft_warmup_reaches_half_accuracy_within_three_minutes(tmp_path, run_cli):
     """The README's main command: SFT warm-up of the tiny model, evaluated before and after."""
     start = time.monotonic()
     result = run_cli("demo", "--run-dir", str(tmp_path / "demo"), timeout=900)
