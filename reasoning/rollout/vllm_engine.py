@@ -217,8 +217,8 @@ class VLLMEngine:
         """Reload `model`'s current weights into the engine in place, then clear the prefix cache."""
         if self.sleeping:
             self.wake_up(tags=["weights"])
-        weights = list(iter_full_weights(model))
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        # streamed one tensor at a time: the full model is never copied at once
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter_full_weights(model)})
         self.llm.reset_prefix_cache()
 
     def sleep(self, level: int = 1) -> None:

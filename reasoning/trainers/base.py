@@ -154,6 +154,8 @@ class RolloutTrainer(Trainer):
 
     # compute_loss scales for gradient accumulation itself (each trainer's objective decides how).
     loss_is_scaled_for_ga = True
+    # trainers whose objective needs no reward function (e.g. likelihood-only ones) set this to False
+    needs_rewards = True
 
     def __init__(
         self,
@@ -209,8 +211,6 @@ class RolloutTrainer(Trainer):
         self._last_sync_step: int | None = None
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.sync_count = 0
-
-    needs_rewards = True
 
     # ------------------------------------------------------------------ data
     def _prepare_prompts(self, dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
