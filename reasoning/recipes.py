@@ -98,8 +98,9 @@ def trainer_configs() -> dict[str, type]:
     """Trainer name -> its config dataclass (the recipe section named like the trainer)."""
     from reasoning.trainers.grpo import GRPOConfig
     from reasoning.trainers.sft import SFTConfig
+    from reasoning.trainers.variational import VariationalConfig
 
-    return {"sft": SFTConfig, "grpo": GRPOConfig}
+    return {"sft": SFTConfig, "grpo": GRPOConfig, "variational": VariationalConfig}
 
 
 @dataclass
@@ -266,9 +267,9 @@ def load_model_and_tokenizer(config: ModelConfig, run_dir: Path):
     return model, tokenizer, path
 
 
-def training_arguments(recipe: Recipe) -> TrainingArguments:
-    """TrainingArguments from the `training:` section, with defaults suited to this toolkit."""
-    values = {
+def training_values(recipe: Recipe) -> dict[str, Any]:
+    """The `training:` section with defaults suited to this toolkit (TrainingArguments fields)."""
+    return {
         "output_dir": f"runs/{recipe.trainer}",
         "report_to": "none",
         "logging_steps": 10,
@@ -276,6 +277,11 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
         "disable_tqdm": False,
         **recipe.training,
     }
+
+
+def training_arguments(recipe: Recipe) -> TrainingArguments:
+    """TrainingArguments from the `training:` section, with defaults suited to this toolkit."""
+    values = training_values(recipe)
     try:
         return TrainingArguments(**values)
     except (TypeError, ValueError) as err:
@@ -333,6 +339,13 @@ def run(recipe: Recipe, console=None) -> dict[str, Any]:
         records = load_records(
             recipe.data.train, recipe.data.columns or None, recipe.data.split, recipe.data.limit
         )
+        if recipe.trainer == "variational":
+            start = time.monotonic()
+            summary["stages"] = build_pipeline(recipe, records, start_path, console).run()
+            summary["train_seconds"] = time.monotonic() - start
+            summary["after"] = run_eval(str(final_dir), "final")
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            return summary
         callbacks = [JsonlMetricsCallback(run_dir / "metrics.jsonl")]
         trainer = build_trainer(recipe, model, tokenizer, records, args, callbacks, start_path)
         start = time.monotonic()
@@ -397,6 +410,24 @@ def build_sampling(recipe: Recipe, seed: int):
         )
     except ValueError as err:
         raise RecipeError(f"section 'rollout': {err}") from err
+
+
+def build_pipeline(recipe: Recipe, records, base_path: str, console=None):
+    """The variational-reasoning pipeline of a `trainer: variational` recipe."""
+    from reasoning.trainers.variational import VariationalReasoningPipeline
+
+    def engine_for(path: str, model, tokenizer):
+        return build_engine(recipe, model, tokenizer, path)
+
+    return VariationalReasoningPipeline(
+        recipe.method,
+        base_path,
+        records,
+        training_values(recipe),
+        engine_for,
+        trace_max_tokens=recipe.rollout.max_tokens,
+        console=console,
+    )
 
 
 def build_trainer(

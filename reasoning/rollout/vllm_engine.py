@@ -306,6 +306,10 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
             kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
+            # A chunked prefill discards its sampled token and rewinds the request's generator,
+            # which CPU generators cannot do ("CPU Generator does not use offset"): seeded sampling
+            # of a batch larger than max_num_batched_tokens would crash. Prefill whole prompts.
+            kwargs["enable_chunked_prefill"] = False
         if distributed_executor_backend:
             kwargs["distributed_executor_backend"] = distributed_executor_backend
         kwargs.update(llm_kwargs)

@@ -253,6 +253,21 @@ def test_seeds_and_n(vllm_engine, hf_model, tokenizer):
     assert ids(texts) == ids(first)[:2]
 
 
+def test_seeded_batch_larger_than_the_token_budget(vllm_engine, hf_model, tokenizer):
+    """More prompt tokens than one scheduler step takes: with chunked prefill, vLLM rewinds the
+    seeded request's generator, which a CPU generator cannot do (the engine turns chunking off)."""
+    vllm_engine.sync_weights(hf_model)
+    prompts = [encode(tokenizer, [LONG_PROMPT])[0][-100:] for _ in range(60)]
+    budget = vllm_engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    assert sum(len(p) for p in prompts) * 4 > budget  # the batch does not fit one step
+    groups = vllm_engine.generate(prompts, Sampling(temperature=0.7, max_tokens=6, seed=3), n=4)
+    assert [len(g) for g in groups] == [4] * len(prompts)
+    again = vllm_engine.generate(prompts[:2], Sampling(temperature=0.7, max_tokens=6, seed=3), n=4)
+    assert [[r.completion_ids for r in g] for g in again] == [
+        [r.completion_ids for r in g] for g in groups[:2]
+    ]
+
+
 # ----------------------------------------------------------------------------- (h) LoRA
 
 
