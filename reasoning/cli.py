@@ -54,6 +54,11 @@ def eval_command(
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(64, help="Prompts per generation call."),
     output_dir: Path | None = typer.Option(None, help="Default: <model>/eval or runs/eval/<model name>."),
+    scaling: str | None = typer.Option(
+        None,
+        help="Inference scaling over --n sampled rationales: bin, bon, majority (comma-separated); "
+        "reports each at N = 4, 8, ... up to --n (temperature 1.0 unless --temperature > 0).",
+    ),
 ) -> None:
     """Evaluate a checkpoint: avg@n, pass@k, maj@n per benchmark; results JSON + samples JSONL."""
     from reasoning.eval.evaluate import evaluate
@@ -62,6 +67,32 @@ def eval_command(
         local = Path(model)
         output_dir = local / "eval" if local.is_dir() else Path("runs/eval") / model.replace("/", "--")
     names = [b.strip() for b in benchmarks.split(",") if b.strip()]
+    if scaling is not None:
+        from reasoning.eval.scaling import default_ns, scaling_eval
+
+        if temperature == 0:
+            console.print("--scaling samples rationales: using temperature 1.0 (--temperature 0 is greedy)")
+        try:
+            scaling_eval(
+                model,
+                names,
+                ns=default_ns(n),
+                methods=[m.strip() for m in scaling.split(",") if m.strip()],
+                temperature=temperature or 1.0,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                limit=limit,
+                engine=engine,
+                dtype=dtype,
+                seed=seed,
+                batch_size=batch_size,
+                output_dir=output_dir,
+                console=console,
+            )
+        except ValueError as err:
+            _fail(str(err))
+        console.print(f"results: {output_dir / 'results.json'}; samples: {output_dir / 'samples.jsonl'}")
+        return
     try:
         evaluate(
             model,

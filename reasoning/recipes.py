@@ -32,6 +32,13 @@ class ModelConfig:
     tiny: str | None = field(
         default=None, metadata={"help": "Build a fresh tiny local model of this size (1m, 3m, 6m, 12m, 25m)."}
     )
+    latent_thought: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Build a fresh latent thought model with these LatentThoughtConfig fields, e.g. "
+            "{hidden_size: 64, num_layers: 4, latents_per_layer: 4} (character tokenizer, as tiny)."
+        },
+    )
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
     seed: int = field(default=0, metadata={"help": "Initialisation seed of a tiny model."})
 
@@ -96,11 +103,23 @@ SECTIONS: dict[str, type] = {
 
 def trainer_configs() -> dict[str, type]:
     """Trainer name -> its config dataclass (the recipe section named like the trainer)."""
+    from reasoning.trainers.bayes import BayesConfig
+    from reasoning.trainers.covrl import CoVRLConfig
+    from reasoning.trainers.gflownet import GFlowNetConfig
     from reasoning.trainers.grpo import GRPOConfig
+    from reasoning.trainers.latent_thought import DualRateConfig
     from reasoning.trainers.sft import SFTConfig
     from reasoning.trainers.variational import VariationalConfig
 
-    return {"sft": SFTConfig, "grpo": GRPOConfig, "variational": VariationalConfig}
+    return {
+        "sft": SFTConfig,
+        "grpo": GRPOConfig,
+        "variational": VariationalConfig,
+        "gflownet": GFlowNetConfig,
+        "latent_thought": DualRateConfig,
+        "covrl": CoVRLConfig,
+        "bayes": BayesConfig,
+    }
 
 
 @dataclass
@@ -220,9 +239,29 @@ def parse_recipe(raw: dict[str, Any], source: Path | None = None) -> Recipe:
     for key in training:
         if key not in valid_training:
             raise RecipeError(f"unknown key {key!r} in section 'training'{_closest(key, valid_training)}")
-    if built["model"].path is None and built["model"].tiny is None:
-        raise RecipeError("section 'model' needs 'path' (hub name or checkpoint) or 'tiny' (e.g. tiny: 1m)")
+    if built["model"].latent_thought is not None:
+        _check_latent_thought_model(built["model"])
+    elif built["model"].path is None and built["model"].tiny is None:
+        raise RecipeError(
+            "section 'model' needs 'path' (hub name or checkpoint) or 'tiny' (e.g. tiny: 1m) "
+            "or 'latent_thought' (e.g. latent_thought: {hidden_size: 64})"
+        )
     return Recipe(trainer=trainer, method=method, training=dict(training), source=source, **built)
+
+
+def _check_latent_thought_model(config: ModelConfig) -> None:
+    """`model.latent_thought` is a mapping of LatentThoughtConfig fields and the model's only source."""
+    from reasoning.models.latent_thought import RECIPE_FIELDS
+
+    if not isinstance(config.latent_thought, dict):
+        raise RecipeError("model.latent_thought must be a mapping, e.g. {hidden_size: 64, num_layers: 4}")
+    if config.path is not None or config.tiny is not None:
+        raise RecipeError("section 'model': give one of 'path', 'tiny' and 'latent_thought', not several")
+    for key in config.latent_thought:
+        if key not in RECIPE_FIELDS:
+            raise RecipeError(
+                f"unknown key {key!r} in section 'model.latent_thought'{_closest(key, list(RECIPE_FIELDS))}"
+            )
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -246,12 +285,24 @@ def load_model_and_tokenizer(config: ModelConfig, run_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import reasoning.models.latent_thought  # noqa: F401  (registers the latent thought model with Auto*)
+
     if config.tiny is not None:
         from reasoning.models.tiny import build_tiny_model
 
         init = run_dir / "init"
         if not (init / "config.json").exists():
             build_tiny_model(config.tiny, init, seed=config.seed)
+        path = str(init)
+    elif config.latent_thought is not None:
+        from reasoning.models.latent_thought import build_latent_thought_checkpoint
+
+        init = run_dir / "init"
+        if not (init / "config.json").exists():
+            try:
+                build_latent_thought_checkpoint(init, seed=config.seed, **config.latent_thought)
+            except ValueError as err:
+                raise RecipeError(f"section 'model.latent_thought': {err}") from err
         path = str(init)
     else:
         path = config.path
@@ -366,10 +417,11 @@ def run(recipe: Recipe, console=None) -> dict[str, Any]:
 def reward_functions(config: RewardConfig) -> list:
     """The recipe's reward functions, by name (a plain mapping)."""
     from reasoning.rewards.format import boxed_format_reward, tagged_answer_format_reward
-    from reasoning.rewards.verifier import correctness
+    from reasoning.rewards.verifier import correctness, reference_steps
 
     available = {
         "correctness": correctness,
+        "reference_steps": reference_steps,
         "boxed_format": boxed_format_reward,
         "answer_format": tagged_answer_format_reward(),
     }
@@ -387,11 +439,17 @@ def build_engine(recipe: Recipe, model, tokenizer, model_path: str):
     from reasoning.rollout.hf import HFEngine
 
     config = recipe.rollout
-    if config.engine == "hf":
-        return HFEngine(model=model, tokenizer=tokenizer, **config.engine_kwargs)
-    kwargs = {"dtype": recipe.model.dtype, **config.engine_kwargs}
     try:
+        if config.engine == "hf":
+            return HFEngine(model=model, tokenizer=tokenizer, **config.engine_kwargs)
+        kwargs = {"dtype": recipe.model.dtype, **config.engine_kwargs}
         return make_engine(config.engine, model_path, **kwargs)
+    except TypeError as err:
+        raise RecipeError(
+            f"section 'rollout': engine_kwargs {sorted(config.engine_kwargs)} are not all accepted by the "
+            f"{config.engine!r} engine ({err}); remove the ones it does not take (e.g. vLLM's max_model_len "
+            "with engine 'hf': `--rollout.engine_kwargs '{}'`)"
+        ) from err
     except ValueError as err:
         raise RecipeError(f"section 'rollout': {err}") from err
 
@@ -427,6 +485,7 @@ def build_pipeline(recipe: Recipe, records, base_path: str, console=None):
         engine_for,
         trace_max_tokens=recipe.rollout.max_tokens,
         console=console,
+        dtype=recipe.model.dtype,
     )
 
 
@@ -439,7 +498,23 @@ def build_trainer(
 
     if recipe.trainer == "sft":
         return make_sft_trainer(model, tokenizer, records, args, recipe.method, callbacks=callbacks)
-    rollout_trainers = {"grpo": GRPOTrainer}
+    if recipe.trainer == "latent_thought":
+        from reasoning.trainers.latent_thought import make_latent_thought_trainer
+
+        try:
+            return make_latent_thought_trainer(model, tokenizer, records, args, recipe.method, callbacks)
+        except ValueError as err:
+            raise RecipeError(f"trainer 'latent_thought': {err}") from err
+    from reasoning.trainers.bayes import BayesTrainer
+    from reasoning.trainers.covrl import CoVRLTrainer
+    from reasoning.trainers.gflownet import GFlowNetTrainer
+
+    rollout_trainers = {
+        "grpo": GRPOTrainer,
+        "gflownet": GFlowNetTrainer,
+        "covrl": CoVRLTrainer,
+        "bayes": BayesTrainer,
+    }
     trainer_class = rollout_trainers[recipe.trainer]
     try:
         return trainer_class(

@@ -127,6 +127,19 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def find_last(ids: list[int], pattern: list[int]) -> int:
+    """Start of the last occurrence of the token sequence `pattern` in `ids`, or −1.
+
+    Splits a generated completion at the answer marker's tokens (never by string search on
+    decoded text, which can disagree with the token boundaries).
+    """
+    width = len(pattern)
+    for start in range(len(ids) - width, -1, -1):
+        if ids[start : start + width] == pattern:
+            return start
+    return -1
+
+
 def scoring_ids(
     template: Template,
     tokenizer: PreTrainedTokenizerBase,

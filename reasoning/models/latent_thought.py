@@ -23,6 +23,7 @@ a saved checkpoint afterwards.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -428,6 +429,54 @@ def build_latent_thought_model(
     model.generation_config.eos_token_id = model.config.eos_token_id
     model.generation_config.do_sample = False
     return model
+
+
+# Fields a recipe may set under `model.latent_thought:`; the vocabulary and special ids come from
+# the tokenizer, the rest are LatentThoughtConfig's own.
+RECIPE_FIELDS = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "intermediate_size",
+    "latents_per_layer",
+    "latent_dim",
+    "max_position_embeddings",
+    "sliding_window",
+    "position_embedding",
+    "rope_theta",
+    "rms_norm_eps",
+    "initializer_range",
+    "tie_word_embeddings",
+)
+
+
+def build_latent_thought_checkpoint(
+    path: str | Path | None = None, seed: int = 0, **config: Any
+) -> tuple[LatentThoughtForCausalLM, Any]:
+    """A fresh model for the character tokenizer of `reasoning.models.tiny` (vocabulary, pad and EOS
+    ids taken from it), saved with the tokenizer to `path` if given, like `build_tiny_model`.
+    `config` holds `LatentThoughtConfig` fields (`RECIPE_FIELDS`); an unknown one is a ValueError."""
+    from reasoning.models.tiny import build_char_tokenizer
+
+    unknown = sorted(set(config) - set(RECIPE_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"unknown latent-thought model field(s) {unknown}; valid: {', '.join(RECIPE_FIELDS)}"
+        )
+    tokenizer = build_char_tokenizer(model_max_length=config.get("max_position_embeddings", 1024))
+    model = build_latent_thought_model(
+        vocab_size=len(tokenizer),
+        seed=seed,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **config,
+    )
+    if path is not None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return model, tokenizer
 
 
 def latent_size(config: LatentThoughtConfig) -> int:

@@ -45,3 +45,24 @@ def correctness(prompts: list, completions: list, **columns: Any) -> list[float]
         float(is_correct(completion, {k: columns[k][i] for k in keys}))
         for i, completion in enumerate(completions)
     ]
+
+
+def reference_steps(prompts: list, completions: list, **columns: Any) -> list[float | None]:
+    """Process reward: the fraction of the reference solution's steps the trace reproduces in place.
+
+    Steps are the comma-separated items of the trace (the synthetic tasks' format, e.g. addition's
+    "7+5=12,4+8+1=13,3+2+1=6"); step i counts when the completion's step i equals the reference's.
+    Only for tasks whose trace is unique given the question (addition): `None` (not applicable)
+    for records without a `solution`, and for tasks with many valid traces such as countdown.
+    """
+    solutions = columns.get("solution") or [None] * len(completions)
+    tasks = columns.get("task") or [None] * len(completions)
+    scores: list[float | None] = []
+    for completion, solution, task in zip(completions, solutions, tasks):
+        if not solution or (task and not str(task).startswith("addition")):
+            scores.append(None)
+            continue
+        trace, _ = PlainTemplate().split_completion(completion_text(completion))
+        produced, reference = trace.strip().split(","), str(solution).split(",")
+        scores.append(sum(p == r for p, r in zip(produced, reference)) / len(reference))
+    return scores

@@ -156,6 +156,9 @@ class RolloutTrainer(Trainer):
     loss_is_scaled_for_ga = True
     # trainers whose objective needs no reward function (e.g. likelihood-only ones) set this to False
     needs_rewards = True
+    # `policy_logprobs` applies the sampling temperature only; a subclass that also applies top-k /
+    # top-p when scoring (so importance ratios stay exact) sets this.
+    scores_top_k_top_p = False
 
     def __init__(
         self,
@@ -171,6 +174,12 @@ class RolloutTrainer(Trainer):
         template: Template | None = None,
         callbacks: list | None = None,
     ) -> None:
+        if (sampling.top_k or sampling.top_p < 1) and not self.scores_top_k_top_p:
+            raise ValueError(
+                f"{type(self).__name__} scores completions with temperature only, but sampling uses "
+                f"top_k={sampling.top_k}, top_p={sampling.top_p}: the importance ratios π_θ/π_old would "
+                "compare different distributions. Sample with top_k 0 and top_p 1 (the `rollout:` section)."
+            )
         self.config = config
         self.engine = engine
         self.sampling = sampling

@@ -16,7 +16,13 @@ For every micro-batch of sequences x:
 
 Inference helpers: `fit_posterior` (the fast loop on any batch), `elbo_perplexity` (an upper bound
 on perplexity, exp(Σ NELBO / Σ tokens)), `generate_with_inference` (fit q(z|prompt) from several
-random initialisations and decode each: pass@k over z). The mathematics is in `objectives/latent.py`.
+random initialisations and decode each: pass@k over z). The mathematics is in `objectives/latent.py`;
+few-shot evaluation is in `reasoning/eval/latent_thought.py`.
+
+Recipes (`trainer: latent_thought`): `make_latent_thought_trainer` turns records into training text
+(`document_texts`: `Q:{question}\\nT:{solution}\\nA:{answer}`, `examples_per_text` per sequence, EOS
+appended) and, with `heldout:`, adds `LatentEvaluationCallback`, which writes the held-out ELBO bound
+and few-shot accuracy to `<output_dir>/latent_eval.json` when training ends.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ from typing import Any, NamedTuple
 import torch
 from datasets import Dataset
 from torch.nn.parallel import DistributedDataParallel
-from transformers import PreTrainedTokenizerBase, Trainer
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
+from reasoning.data.templates import PlainTemplate
 from reasoning.objectives.latent import (
     gaussian_kl_standard_normal,
     nelbo,
@@ -82,10 +89,34 @@ class DualRateConfig:
     sample_latents: bool = field(
         default=True, metadata={"help": "Generation decodes with z ~ q(z|prompt); False: with z = μ."}
     )
+    examples_per_text: int = field(
+        default=1,
+        metadata={
+            "help": "Training text: this many records (Q:…\\nT:…\\nA:…) joined by newlines per sequence, "
+            "so that k-shot prompts with k < examples_per_text look like training text."
+        },
+    )
+    max_length: int = field(default=512, metadata={"help": "Drop training sequences longer than this."})
+    heldout: str | None = field(
+        default=None,
+        metadata={
+            "help": "After training: held-out records (any data.train source) for the ELBO perplexity bound "
+            "and few-shot accuracy, written to <output_dir>/latent_eval.json."
+        },
+    )
+    heldout_questions: int = field(default=50, metadata={"help": "Held-out records used after training."})
+    shots: int = field(
+        default=2, metadata={"help": "Solved training examples before the question in a few-shot prompt."}
+    )
+    answer_max_tokens: int = field(default=48, metadata={"help": "Tokens decoded per few-shot answer."})
 
     def __post_init__(self) -> None:
         if self.fast_steps < 1:
             raise ValueError(f"fast_steps must be at least 1, got {self.fast_steps}")
+        if self.examples_per_text < 1:
+            raise ValueError(f"examples_per_text must be at least 1, got {self.examples_per_text}")
+        if self.shots < 0:
+            raise ValueError(f"shots must be non-negative, got {self.shots}")
         if not 0 < self.fast_lr_min <= self.fast_lr:
             raise ValueError(f"need 0 < fast_lr_min <= fast_lr, got {self.fast_lr_min} and {self.fast_lr}")
         if self.num_inits < 1:
@@ -238,7 +269,8 @@ class ElboPerplexity:
     num_sequences: int
 
 
-def _pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded `input_ids [N, T]` and `attention_mask [N, T]` from lists of ids."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -282,9 +314,7 @@ def elbo_perplexity(
         ]
     else:
         rows = [r["input_ids"] if isinstance(r, dict) else r for r in data]
-        batches = [
-            _pad_right(rows[i : i + batch_size], pad_token_id) for i in range(0, len(rows), batch_size)
-        ]
+        batches = [pad_right(rows[i : i + batch_size], pad_token_id) for i in range(0, len(rows), batch_size)]
     totals = {"nll": 0.0, "kl": 0.0, "tokens": 0, "sequences": 0}
     for ids, mask in batches:
         ids, mask = ids.to(device), mask.to(device)
@@ -366,6 +396,23 @@ def generate_with_inference(
 # ------------------------------------------------------------------------------------ data
 
 
+def record_text(record: dict[str, Any], template: PlainTemplate | None = None) -> str:
+    """One solved example in the plain template: `Q:{question}\\nT:{solution}\\nA:{answer}` (no EOS)."""
+    template = template or PlainTemplate()
+    return template.prior_prompt(str(record["question"])) + template.completion(
+        str(record.get("solution") or ""), str(record["answer"])
+    )
+
+
+def document_texts(
+    records: Iterable[dict[str, Any]], examples_per_text: int = 1, template: PlainTemplate | None = None
+) -> list[str]:
+    """Training text: consecutive groups of `examples_per_text` records, each group one document whose
+    examples are joined by a newline (a short last group is kept)."""
+    texts = [record_text(r, template) for r in records]
+    return ["\n".join(texts[i : i + examples_per_text]) for i in range(0, len(texts), examples_per_text)]
+
+
 def tokenize_texts(
     texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, max_length: int = 512, add_eos: bool = True
 ) -> Dataset:
@@ -383,10 +430,10 @@ class LatentThoughtCollator:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids, mask = _pad_right([r["input_ids"] for r in rows], self.pad_id)
+        ids, mask = pad_right([r["input_ids"] for r in rows], self.pad_id)
         labels = ids.masked_fill(mask == 0, -100)
         if any("labels" in r for r in rows):
-            given, _ = _pad_right([r.get("labels", r["input_ids"]) for r in rows], -100)
+            given, _ = pad_right([r.get("labels", r["input_ids"]) for r in rows], -100)
             labels = given.masked_fill(mask == 0, -100)
         labels[:, 0] = -100
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
@@ -497,3 +544,80 @@ class LatentThoughtTrainer(Trainer):
                 averaged[name] = self.accelerator.reduce(tensor.mean(), reduction="mean").item()
         self._metrics.clear()
         super().log({**logs, **averaged}, start_time)
+
+
+# ------------------------------------------------------------------------------------ recipe
+
+
+def make_latent_thought_trainer(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Dataset | Sequence[dict[str, Any]],
+    args: TrainingArguments,
+    config: DualRateConfig | None = None,
+    callbacks: list | None = None,
+) -> LatentThoughtTrainer:
+    """The trainer of a `trainer: latent_thought` recipe: text = records in the plain template,
+    `config.examples_per_text` per sequence, EOS appended; with `config.heldout`, the model is evaluated
+    after training (`LatentEvaluationCallback`). A model without latent vectors is a ValueError."""
+    config = config or DualRateConfig()
+    if getattr(getattr(model, "config", None), "latent_shape", None) is None:
+        raise ValueError(
+            f"needs a latent-thought model (model.latent_thought: {{hidden_size: ..}} or a saved "
+            f"LatentThoughtForCausalLM checkpoint), got {type(model).__name__}"
+        )
+    rows = list(records)
+    dataset = tokenize_texts(document_texts(rows, config.examples_per_text), tokenizer, config.max_length)
+    if len(dataset) == 0:
+        raise ValueError(f"no training sequence fits in max_length={config.max_length} tokens")
+    callbacks = list(callbacks or [])
+    if config.heldout:
+        callbacks.append(LatentEvaluationCallback(config, tokenizer, demonstrations=rows[:1000]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return LatentThoughtTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=LatentThoughtCollator(pad_id=pad_id),
+        processing_class=tokenizer,
+        dual_rate=config,
+        callbacks=callbacks,
+    )
+
+
+class LatentEvaluationCallback(TrainerCallback):
+    """At the end of training (main process): the held-out ELBO perplexity bound and few-shot accuracy
+    of `reasoning.eval.latent_thought.evaluate_latent_thought`, written to `<output_dir>/latent_eval.json`."""
+
+    def __init__(
+        self,
+        config: DualRateConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        demonstrations: Sequence[dict[str, Any]],
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.demonstrations = list(demonstrations)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero or model is None or not self.config.heldout:
+            return
+        import json
+        from pathlib import Path
+
+        from reasoning.data.datasets import load_records
+        from reasoning.eval.latent_thought import evaluate_latent_thought
+
+        heldout = list(load_records(self.config.heldout, limit=self.config.heldout_questions))
+        was_training = model.training
+        model.eval()
+        try:
+            results = evaluate_latent_thought(
+                model, self.tokenizer, heldout, self.demonstrations, self.config, seed=args.seed
+            )
+        finally:
+            model.train(was_training)
+        results["global_step"] = state.global_step
+        path = Path(args.output_dir) / "latent_eval.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2))

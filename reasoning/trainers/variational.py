@@ -40,9 +40,10 @@ from datasets import Dataset, concatenate_datasets, load_from_disk
 from rich.console import Console
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TrainingArguments
 
-from reasoning.data.templates import Template, encode, scoring_ids, template_for
+from reasoning.data.templates import Template, encode, find_last, scoring_ids, template_for
 from reasoning.models.scoring import span_token_logprobs
 from reasoning.objectives.variational import (
+    forward_kl_posterior_weights,
     iwae_bound,
     log_acc_estimator,
     log_gml_estimator,
@@ -56,6 +57,7 @@ from reasoning.trainers.sft import SFTConfig, make_sft_trainer
 
 ESTIMATORS = ("acc", "gml", "l")
 FINAL_DATA = ("weighted", "argmax")
+POSTERIOR_TRAINING = ("sft", "forward_kl", "reverse_kl")
 
 
 @dataclass
@@ -112,6 +114,26 @@ class VariationalConfig:
     )
     max_length: int = field(default=512, metadata={"help": "Drop SFT samples longer than this many tokens."})
     scoring_batch_size: int = field(default=64, metadata={"help": "Batch size of teacher-forced scoring."})
+    posterior_training: str = field(
+        default="sft",
+        metadata={
+            "help": "How q_φ is trained: sft (hint template on the data's traces, the released pipeline), "
+            "forward_kl (Eq. 9: π_θ0's own traces weighted by π̂(Y|x,z)), reverse_kl (score-function "
+            "steps on q's traces with reward log π_θ0(z,Y|x) − log q; for comparison)"
+        },
+    )
+    posterior_init: str | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint the forward/reverse-KL posterior starts from (default: base, or hint SFT)."
+        },
+    )
+    rounds: int = field(
+        default=1,
+        metadata={
+            "help": "Rounds T of Algorithm 1: round t ≥ 2 uses round t−1's model as π and Eq. 9 for q."
+        },
+    )
     heldout: str | None = field(
         default=None,
         metadata={
@@ -129,17 +151,14 @@ class VariationalConfig:
             raise ValueError(f"final_init must be 'base' or 'prior', got {self.final_init!r}")
         if self.num_traces < 1:
             raise ValueError(f"num_traces must be >= 1, got {self.num_traces}")
+        if self.posterior_training not in POSTERIOR_TRAINING:
+            raise ValueError(
+                f"posterior_training must be one of {POSTERIOR_TRAINING}, got {self.posterior_training!r}"
+            )
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.estimator == "acc" and self.answer_samples < 1:
             raise ValueError("estimator 'acc' needs answer_samples >= 1 (answers sampled after each trace)")
-
-
-def find_last(ids: list[int], pattern: list[int]) -> int:
-    """Start of the last occurrence of `pattern` in `ids`, or −1."""
-    width = len(pattern)
-    for start in range(len(ids) - width, -1, -1):
-        if ids[start : start + width] == pattern:
-            return start
-    return -1
 
 
 class VariationalReasoningPipeline:
@@ -152,6 +171,7 @@ class VariationalReasoningPipeline:
         training: TrainingArguments fields shared by the SFT stages (`output_dir` is the run dir).
         make_engine: `(model_path, model, tokenizer) -> RolloutEngine` for sampling.
         trace_max_tokens: token budget of a sampled trace (the rollout section's `max_tokens`).
+        dtype: torch dtype name the stages load models in (the model section's `dtype`).
     """
 
     def __init__(
@@ -163,6 +183,7 @@ class VariationalReasoningPipeline:
         make_engine: Callable[[str, Any, PreTrainedTokenizerBase], Any],
         trace_max_tokens: int = 256,
         console: Console | None = None,
+        dtype: str = "float32",
     ) -> None:
         missing = {"question", "answer", "solution"} - set(records.column_names)
         if missing:
@@ -183,6 +204,7 @@ class VariationalReasoningPipeline:
         self.trace_max_tokens = trace_max_tokens
         self.console = console or Console(stderr=True)
         self.seed = int(self.training.get("seed", 0))
+        self.dtype = getattr(torch, dtype)
 
     # ------------------------------------------------------------------ stage bookkeeping
     def stage_dir(self, name: str) -> Path:
@@ -215,7 +237,7 @@ class VariationalReasoningPipeline:
     def _load(self, path: str):
         from transformers import AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -390,36 +412,14 @@ class VariationalReasoningPipeline:
     def stage_weights(self) -> dict[str, Any]:
         """Eq. 8 weights, filters, per-question normalisation, fallback; the final SFT dataset."""
         questions = self.sampled_questions()
-        data = load_from_disk(str(self.stage_dir("accuracy") / "data"))
         k = self.config.num_traces
-        by_question: dict[int, list[dict[str, Any]]] = {}
-        for row in data:
-            by_question.setdefault(row["question_index"], []).append(row)
-        n_answers = max(self.config.answer_samples, 1)
         final_rows, iwae_rows, ess, fallbacks = [], [], [], 0
         keep_columns = [c for c in questions.column_names if c not in ("solution",)]
-        for q, rows in sorted(by_question.items()):
-            rows = sorted(rows, key=lambda r: r["k"])
-            prior = torch.tensor([r["trace_logp_prior"] for r in rows], dtype=torch.float64)
-            post = torch.tensor([r["trace_logp_posterior"] for r in rows], dtype=torch.float64)
-            lengths = torch.tensor([max(r["trace_length"], 1) for r in rows])
-            width = max(len(r["answer_token_logps"]) for r in rows)
-            answer = torch.zeros(len(rows), width, dtype=torch.float64)
-            mask = torch.zeros(len(rows), width, dtype=torch.bool)
-            for i, r in enumerate(rows):
-                answer[i, : len(r["answer_token_logps"])] = torch.tensor(r["answer_token_logps"])
-                mask[i, : len(r["answer_token_logps"])] = True
-            log_l = log_likelihood_estimator(answer, mask)
-            estimates = {
-                "acc": log_acc_estimator(
-                    [r["answers_correct"] for r in rows], n_answers, dtype=torch.float64
-                ),
-                "gml": log_gml_estimator(answer, mask),
-                "l": log_l,
-            }
-            log_w = practical_log_weights(prior, post, lengths, estimates[self.config.estimator])
-            valid = torch.tensor([r["valid"] for r in rows])
-            log_w = torch.where(valid, log_w, torch.full_like(log_w, -math.inf))
+        groups = self.grouped_scores(self.stage_dir("accuracy"))
+        for q, rows, g in groups:
+            prior, post, log_l = g["trace_logp_prior"], g["trace_logp_posterior"], g["l"]
+            log_w = practical_log_weights(prior, post, g["trace_length"], g[self.config.estimator])
+            log_w = torch.where(g["valid"], log_w, torch.full_like(log_w, -math.inf))
             weights = normalized_weights(log_w)
             iwae_rows.append(prior + log_l - post)
             record = {c: questions[q][c] for c in keep_columns}
@@ -441,22 +441,129 @@ class VariationalReasoningPipeline:
             final = concatenate_datasets([final, original.select_columns(final.column_names)])
         final.save_to_disk(self.stage_dir("weights") / "data")
         stats = {
-            "questions": len(by_question),
+            "questions": len(groups),
             "fallback_questions": fallbacks,
             "final_samples": len(final),
             "mean_ess": sum(ess) / max(len(ess), 1),
             "iwae_bound": iwae_curve(iwae_rows, k),
         }
         (self.stage_dir("weights") / "stats.json").write_text(json.dumps(stats, indent=2))
+        plot_bound(stats["iwae_bound"], self.stage_dir("weights") / "iwae_bound.png", "training questions")
         return stats
+
+    def grouped_scores(self, stage: Path) -> list[tuple[int, list[dict[str, Any]], dict[str, torch.Tensor]]]:
+        """Per question (index, its traces by k, float64 tensors over the traces): sequence log-probs,
+        lengths, validity and the three log-estimators of π(Y|x, z) (acc, gml, l)."""
+        data = load_from_disk(str(stage / "data"))
+        by_question: dict[int, list[dict[str, Any]]] = {}
+        for row in data:
+            by_question.setdefault(row["question_index"], []).append(row)
+        n_answers = max(self.config.answer_samples, 1)
+        out = []
+        for q, rows in sorted(by_question.items()):
+            rows = sorted(rows, key=lambda r: r["k"])
+            width = max(len(r["answer_token_logps"]) for r in rows)
+            answer = torch.zeros(len(rows), width, dtype=torch.float64)
+            mask = torch.zeros(len(rows), width, dtype=torch.bool)
+            for i, r in enumerate(rows):
+                answer[i, : len(r["answer_token_logps"])] = torch.tensor(r["answer_token_logps"])
+                mask[i, : len(r["answer_token_logps"])] = True
+            tensors = {
+                name: torch.tensor([r[name] for r in rows], dtype=torch.float64)
+                for name in ("trace_logp_prior", "trace_logp_posterior")
+            }
+            tensors["trace_length"] = torch.tensor([max(r["trace_length"], 1) for r in rows])
+            tensors["valid"] = torch.tensor([r["valid"] for r in rows])
+            tensors["acc"] = log_acc_estimator(
+                [r.get("answers_correct", 0) for r in rows], n_answers, dtype=torch.float64
+            )
+            tensors["gml"] = log_gml_estimator(answer, mask)
+            tensors["l"] = log_likelihood_estimator(answer, mask)
+            out.append((q, rows, tensors))
+        return out
+
+    def child(
+        self, run_dir: Path, records: Dataset | None = None, **changes: Any
+    ) -> VariationalReasoningPipeline:
+        """A pipeline over the same (or other) data with some config fields changed, in `run_dir`."""
+        child = VariationalReasoningPipeline(
+            dataclasses.replace(self.config, **changes),
+            self.base_path,
+            self.records if records is None else records,
+            {**self.training, "output_dir": str(run_dir)},
+            self.make_engine,
+            self.trace_max_tokens,
+            self.console,
+            str(self.dtype).removeprefix("torch."),
+        )
+        child.tokenizer = self.tokenizer
+        return child
+
+    def _sample_score_and_grade(self, pipeline: VariationalReasoningPipeline) -> None:
+        pipeline._stage("samples", pipeline.stage_samples)
+        pipeline._stage("scores", pipeline.stage_scores)
+        pipeline._stage("accuracy", pipeline.stage_accuracy)
+
+    def stage_forward_kl_posterior(self) -> dict[str, Any]:
+        """Eq. 9: min_φ KL(P_θ0(z|x, Y) ‖ q_φ) ≈ weighted SFT of q on M traces z_m ~ π_θ0(z|x),
+        w̃_m = π̂(Y|x, z_m) / Σ_j π̂(Y|x, z_j) (the configured estimator), posterior template."""
+        data_dir = self.stage_dir("posterior") / "prior_traces"
+        sampler = self.child(
+            data_dir, no_hint=True, prior_path=self.prior_path(), posterior_path=None, heldout=None, rounds=1
+        )
+        self._sample_score_and_grade(sampler)
+        rows_out = []
+        keep = [c for c in self.records.column_names if c != "solution"]
+        questions = self.sampled_questions()
+        for q, rows, g in sampler.grouped_scores(sampler.stage_dir("accuracy")):
+            log_y = torch.where(g["valid"], g[self.config.estimator], torch.full_like(g["l"], -math.inf))
+            weights = forward_kl_posterior_weights(log_y)
+            for r, w in zip(rows, weights.tolist()):
+                if w > 0:
+                    record = {c: questions[q][c] for c in keep}
+                    rows_out.append({**record, "solution": r["trace"], "weight": w * len(rows)})
+        if not rows_out:
+            raise RuntimeError(
+                "forward-KL posterior: no prior trace reached a correct answer; train the prior longer "
+                "or use posterior_training: sft"
+            )
+        data = Dataset.from_list(rows_out)
+        data.save_to_disk(self.stage_dir("posterior") / "data")
+        init = self.config.posterior_init or self.base_path
+        info = self._sft("posterior", init, data, self.config.posterior_steps, True)
+        return {**info, "weighted_traces": len(rows_out)}
+
+    def stage_reverse_kl_posterior(self) -> dict[str, Any]:
+        """Reverse KL, for comparison: ∇_φ KL(q ‖ P(z|x, Y)) = −E_q[(log π_θ0(z, Y|x) − log q(z) − b) ∇ log q],
+        estimated on K traces from the current q with a per-question mean baseline b, applied as
+        signed-weight SFT of q (`posterior_steps` steps on that batch, so only the first is on-policy)."""
+        data_dir = self.stage_dir("posterior") / "posterior_traces"
+        sampler = self.child(
+            data_dir, posterior_path=self.config.posterior_init, prior_path=self.prior_path(), heldout=None
+        )
+        sampler._stage("samples", sampler.stage_samples)
+        sampler._stage("scores", sampler.stage_scores)
+        rows_out = []
+        keep = [c for c in self.records.column_names if c != "solution"]
+        questions = self.sampled_questions()
+        for q, rows, g in sampler.grouped_scores(sampler.stage_dir("scores")):
+            reward = g["trace_logp_prior"] + g["l"] - g["trace_logp_posterior"]
+            advantage = reward - reward.mean()
+            for r, a in zip(rows, advantage.tolist()):
+                record = {c: questions[q][c] for c in keep}
+                rows_out.append({**record, "solution": r["trace"], "weight": a})
+        data = Dataset.from_list(rows_out)
+        data.save_to_disk(self.stage_dir("posterior") / "data")
+        info = self._sft("posterior", self.config.posterior_init, data, self.config.posterior_steps, True)
+        return {**info, "traces": len(rows_out)}
 
     def stage_heldout_bound(self) -> dict[str, Any]:
         """IWAE bounds L^{K'} (K' = 1, 2, 4, …, K) of log π_θ0(Y|x) on held-out questions, traces from q_φ."""
         from reasoning.data.datasets import load_records
 
-        records = load_records(self.config.heldout, limit=self.config.heldout_questions)
-        config = dataclasses.replace(
-            self.config,
+        child = self.child(
+            self.stage_dir("heldout_bound"),
+            records=load_records(self.config.heldout, limit=self.config.heldout_questions),
             prior_path=self.prior_path(),
             posterior_path=self.posterior_path(),
             num_questions=None,
@@ -464,53 +571,62 @@ class VariationalReasoningPipeline:
             estimator="l",
             heldout=None,
         )
-        child = VariationalReasoningPipeline(
-            config,
-            self.base_path,
-            records,
-            {**self.training, "output_dir": str(self.stage_dir("heldout_bound"))},
-            self.make_engine,
-            self.trace_max_tokens,
-            self.console,
-        )
-        child.tokenizer = self.tokenizer
         child._stage("samples", child.stage_samples)
         child._stage("scores", child.stage_scores)
-        scored = load_from_disk(str(child.stage_dir("scores") / "data"))
-        rows: dict[int, list[tuple[int, float]]] = {}
-        for r in scored:
-            log_l = sum(r["answer_token_logps"])
-            rows.setdefault(r["question_index"], []).append(
-                (r["k"], r["trace_logp_prior"] + log_l - r["trace_logp_posterior"])
-            )
-        log_w = [torch.tensor([v for _, v in sorted(row)], dtype=torch.float64) for row in rows.values()]
+        log_w = [
+            g["trace_logp_prior"] + g["l"] - g["trace_logp_posterior"]
+            for _, _, g in child.grouped_scores(child.stage_dir("scores"))
+        ]
         curve = iwae_curve(log_w, self.config.num_traces)
         (self.stage_dir("heldout_bound") / "bound.json").write_text(json.dumps(curve, indent=2))
+        plot_bound(curve, self.stage_dir("heldout_bound") / "iwae_bound.png", "held-out questions")
         return {"questions": len(log_w), "iwae_bound": curve}
 
     # ------------------------------------------------------------------ run
+    def _posterior_stage(self) -> dict[str, Any] | None:
+        if self.config.no_hint or (self.config.posterior_path and self.config.posterior_training == "sft"):
+            return None
+        if self.config.posterior_training == "forward_kl":
+            return self._stage("posterior", self.stage_forward_kl_posterior)
+        if self.config.posterior_training == "reverse_kl":
+            if self.config.posterior_init is None:  # start from the hint-SFT posterior
+                hint = self.child(self.stage_dir("posterior_sft"), posterior_training="sft", rounds=1)
+                hint._stage(
+                    "posterior",
+                    lambda: hint._sft(
+                        "posterior", self.base_path, self.records, self.config.posterior_steps, True
+                    ),
+                )
+                self.config = dataclasses.replace(
+                    self.config, posterior_init=str(hint.stage_dir("posterior") / "final")
+                )
+            return self._stage("posterior", self.stage_reverse_kl_posterior)
+        return self._stage(
+            "posterior",
+            lambda: self._sft("posterior", self.base_path, self.records, self.config.posterior_steps, True),
+        )
+
     def run(self) -> dict[str, Any]:
-        """Run (or resume) every stage; returns each stage's info. The final model is `<run_dir>/final`."""
+        """Run (or resume) every stage of every round; the final model is `<run_dir>/final`.
+
+        Round 1 is the released pipeline (stages 1–7). Round t ≥ 2 (Algorithm 1, `rounds`) runs in
+        `<run_dir>/round<t>/`: π ← round t−1's final model, q ← Eq. 9 forward-KL training on π's own
+        traces (starting from round t−1's posterior), then stages 3–7 again.
+        """
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         info: dict[str, Any] = {}
-        steps = {
-            "prior": self.config.prior_steps,
-            "posterior": self.config.posterior_steps,
-            "final": self.config.final_steps,
-        }
         if self.config.prior_path is None:
             info["prior"] = self._stage(
-                "prior", lambda: self._sft("prior", self.base_path, self.records, steps["prior"], False)
+                "prior",
+                lambda: self._sft("prior", self.base_path, self.records, self.config.prior_steps, False),
             )
-        if self.config.posterior_path is None and not self.config.no_hint:
-            info["posterior"] = self._stage(
-                "posterior",
-                lambda: self._sft("posterior", self.base_path, self.records, steps["posterior"], True),
-            )
+        posterior = self._posterior_stage()
+        if posterior is not None:
+            info["posterior"] = posterior
         info["samples"] = self._stage("samples", self.stage_samples)
         info["scores"] = self._stage("scores", self.stage_scores)
         info["accuracy"] = self._stage("accuracy", self.stage_accuracy)
@@ -522,13 +638,25 @@ class VariationalReasoningPipeline:
                 "final_sft",
                 init,
                 load_from_disk(str(self.stage_dir("weights") / "data")),
-                steps["final"],
+                self.config.final_steps,
                 False,
             ),
         )
         if self.config.heldout:
             info["heldout_bound"] = self._stage("heldout_bound", self.stage_heldout_bound)
         final = Path(info["final"]["path"])
+        previous = self
+        for round_index in range(2, self.config.rounds + 1):
+            nxt = previous.child(
+                self.run_dir / f"round{round_index}",
+                prior_path=str(final),
+                posterior_path=None,
+                posterior_training="forward_kl",
+                posterior_init=previous.posterior_path(),
+                rounds=1,
+            )
+            info[f"round{round_index}"] = nxt.run()
+            final, previous = Path(info[f"round{round_index}"]["final"]["path"]), nxt
         target = self.run_dir / "final"
         if not (target / "config.json").exists():
             model, tokenizer = self._load(str(final))
@@ -557,3 +685,22 @@ def iwae_curve(log_w_rows: list[torch.Tensor], k: int) -> dict[str, float]:
         out[str(size)] = sum(values) / max(len(values), 1)
         size *= 2
     return out
+
+
+def plot_bound(curve: dict[str, float], path: Path, title: str) -> None:
+    """Save the IWAE bound against K as a PNG (log-2 axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [int(k) for k in curve]
+    figure, axis = plt.subplots(figsize=(4, 3))
+    axis.plot(sizes, [curve[str(k)] for k in sizes], marker="o")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("K (traces per question)")
+    axis.set_ylabel("IWAE bound on log π(Y|x) (nats)")
+    axis.set_title(f"IWAE bound vs K, {title}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

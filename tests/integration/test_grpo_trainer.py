@@ -28,7 +28,9 @@ async def async_length_reward(prompts, completions, **columns):
     return [-len(c) / 100 for c in completions]
 
 
-def make_trainer(path, output_dir, engine=None, max_steps=3, steps_per_generation=None, **args):
+def make_trainer(
+    path, output_dir, engine=None, max_steps=3, steps_per_generation=None, sampling=None, **args
+):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     training = TrainingArguments(
@@ -56,8 +58,13 @@ def make_trainer(path, output_dir, engine=None, max_steps=3, steps_per_generatio
         reward_funcs=[correctness, spy_reward, async_length_reward],
         reward_weights=[1.0, 0.5, 0.1],
         engine=engine or HFEngine(model=model, tokenizer=tokenizer),
-        sampling=Sampling(temperature=1.0, max_tokens=40, seed=0),
+        sampling=sampling or Sampling(temperature=1.0, max_tokens=40, seed=0),
     )
+
+
+def test_top_p_sampling_is_refused_when_scores_ignore_it(trained_tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match="top_k 0 and top_p 1"):
+        make_trainer(trained_tiny_dir, tmp_path / "run", sampling=Sampling(temperature=1.0, top_p=0.9))
 
 
 def test_training_steps_sync_once_per_generation_and_log(trained_tiny_dir, tmp_path):

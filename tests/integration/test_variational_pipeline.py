@@ -13,8 +13,8 @@ from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reasoning.data.datasets import load_records
-from reasoning.data.templates import PlainTemplate, encode
-from reasoning.trainers.variational import VariationalConfig, VariationalReasoningPipeline, find_last
+from reasoning.data.templates import PlainTemplate, encode, find_last
+from reasoning.trainers.variational import VariationalConfig, VariationalReasoningPipeline
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -128,6 +128,7 @@ def test_pipeline_stages_are_consistent_and_resume(tmp_path, trained_tiny_dir, v
     assert len(totals) == 12
     bound = info["heldout_bound"]["iwae_bound"]
     assert set(bound) == {"1", "2", "4"} and all(math.isfinite(v) for v in bound.values())
+    assert (run / "heldout_bound" / "iwae_bound.png").stat().st_size > 1000
 
     # rerun: every stage is skipped (data untouched), and the same final model is reported
     stamp = (run / "samples" / "data").stat().st_mtime_ns
@@ -159,3 +160,39 @@ def test_bad_configuration_is_a_clear_error():
         VariationalConfig(estimator="accuracy")
     with pytest.raises(ValueError, match="answer_samples >= 1"):
         VariationalConfig(estimator="acc", answer_samples=0)
+
+
+def test_forward_kl_posterior_and_a_second_round(tmp_path, trained_tiny_dir, vllm_engine):
+    """Eq. 9 posterior training on the prior's own traces, then round 2 of Algorithm 1."""
+    pipeline = make_pipeline(
+        tmp_path,
+        trained_tiny_dir,
+        vllm_engine,
+        posterior_training="forward_kl",
+        estimator="gml",
+        rounds=2,
+        heldout=None,
+    )
+    info = pipeline.run()
+    run = tmp_path / "run"
+    # q was trained on traces sampled from π_θ0 with the prior prompt, weighted within each question
+    traces = load_from_disk(str(run / "posterior" / "prior_traces" / "scores" / "data"))
+    for row in list(traces)[:8]:
+        assert math.isclose(row["trace_logp_prior"], row["trace_logp_posterior"], abs_tol=1e-4)
+    weighted = load_from_disk(str(run / "posterior" / "data"))
+    totals = {}
+    for row in weighted:
+        totals[row["question"]] = totals.get(row["question"], 0.0) + row["weight"]
+    assert totals and all(math.isclose(t, 4.0, rel_tol=1e-6) for t in totals.values())
+    # round 2: π is round 1's final model, q starts from round 1's posterior, and its final model is the run's
+    round2 = info["round2"]
+    assert (run / "round2" / "posterior" / "DONE").exists() and (
+        run / "round2" / "final_sft" / "DONE"
+    ).exists()
+    config = json.loads((run / "round2" / "pipeline.json").read_text())["config"]
+    assert config["prior_path"] == str(run / "final_sft" / "final")
+    assert config["posterior_init"] == str(run / "posterior" / "final")
+    final = AutoModelForCausalLM.from_pretrained(run / "final")
+    last = AutoModelForCausalLM.from_pretrained(round2["final"]["path"])
+    for (name, a), (_, b) in zip(final.state_dict().items(), last.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -101,3 +101,21 @@ def test_never_raises_and_is_bounded_on_adversarial_text(text):
 @given(st.text(max_size=300), st.text(max_size=20))
 def test_never_raises_on_random_text(response, gold):
     assert grade(response, gold) in (True, False)
+
+
+def test_reference_steps_process_reward():
+    from reasoning.data.synthetic import records_from_spec
+    from reasoning.rewards.verifier import reference_steps
+
+    record = records_from_spec("addition?digits=3&n=1&seed=1")[0]  # 137+582: 7+2=9,3+8=11,1+5+1=7
+    completions = [
+        "7+2=9,3+8=11,1+5+1=7\nA:719",  # all steps
+        "7+2=9,3+8=12,1+5+1=7\nA:729",  # middle step wrong
+        "7+2=9\nA:9",  # stops early
+        "garbage",
+    ]
+    columns = {k: [v] * len(completions) for k, v in record.items()}
+    assert reference_steps([""] * 4, completions, **columns) == [1.0, 2 / 3, 1 / 3, 0.0]
+    countdown = records_from_spec("countdown?n=1&seed=1")[0]
+    columns = {k: [v] for k, v in countdown.items()}
+    assert reference_steps([""], [countdown["solution"] + "\nA:" + countdown["answer"]], **columns) == [None]

@@ -7,23 +7,36 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
 
+from reasoning.data.datasets import load_records
 from reasoning.data.synthetic import records_from_spec
+from reasoning.eval.latent_thought import (
+    choose_demonstrations,
+    evaluate_latent_thought,
+    few_shot_accuracy,
+    few_shot_prompt,
+    first_example,
+    token_perplexity,
+)
 from reasoning.models.latent_thought import (
     LatentThoughtConfig,
     LatentThoughtForCausalLM,
+    build_latent_thought_checkpoint,
     build_latent_thought_model,
     self_attention_mask,
 )
 from reasoning.models.tiny import build_char_tokenizer
 from reasoning.objectives.latent import gaussian_kl_standard_normal
+from reasoning.recipes import RecipeError, build_trainer, load_model_and_tokenizer, parse_recipe
 from reasoning.trainers.latent_thought import (
     DualRateConfig,
     LatentThoughtCollator,
     LatentThoughtTrainer,
     cosine_step_size,
+    document_texts,
     elbo_perplexity,
     fit_posterior,
     generate_with_inference,
+    record_text,
     scored_token_mask,
     tokenize_texts,
 )
@@ -244,9 +257,13 @@ def test_fast_loop_leaves_the_decoder_bit_identical_without_gradients(dataset):
 def test_fast_loop_under_ddp_triggers_no_reduction(dataset, tmp_path):
     """Through a DDP wrapper (gloo, one rank): the loop leaves no gradients and no pending reduction,
     so the next ordinary forward/backward (the slow step) runs normally."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    # an in-process vLLM engine started earlier in the session may already own the default group
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        model = torch.nn.parallel.DistributedDataParallel(small_model(seed=5))
+        group = dist.new_group(ranks=[0], backend="gloo")
+        model = torch.nn.parallel.DistributedDataParallel(small_model(seed=5), process_group=group)
         batch = batch_of(dataset, 4)
         with model.no_sync():
             fit = fit_posterior(model, batch["input_ids"], batch["attention_mask"], 3)
@@ -258,7 +275,8 @@ def test_fast_loop_under_ddp_triggers_no_reduction(dataset, tmp_path):
         loss.backward()
         assert all(p.grad is not None for p in model.parameters())
     finally:
-        dist.destroy_process_group()
+        if owns_group:
+            dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------ trainer
@@ -361,3 +379,178 @@ def test_kl_of_the_fitted_posterior_is_what_the_trainer_logs(dataset):
     kl = gaussian_kl_standard_normal(fit.mu, fit.logvar)
     assert torch.all(kl > 0) and torch.isfinite(kl).all()
     assert fit.logvar.mean() > -5.0
+
+
+# ------------------------------------------------------------------------------------ text, recipe
+
+
+def test_training_documents_use_the_plain_template():
+    records = [
+        {"question": "12+34", "solution": "2+4=6,1+3=4", "answer": "46"},
+        {"question": "5+7", "solution": "5+7=12,0+0+1=1", "answer": "12"},
+        {"question": "1+1", "solution": "1+1=2,0+0=0", "answer": "2"},
+    ]
+    assert record_text(records[0]) == "Q:12+34\nT:2+4=6,1+3=4\nA:46"
+    docs = document_texts(records, examples_per_text=2)
+    assert docs == [record_text(records[0]) + "\n" + record_text(records[1]), record_text(records[2])]
+    assert document_texts(records) == [record_text(r) for r in records]
+
+
+def test_checkpoint_builder_saves_model_and_character_tokenizer(tmp_path):
+    model, tokenizer = build_latent_thought_checkpoint(tmp_path, seed=3, **SMALL)
+    assert model.config.vocab_size == len(tokenizer) and model.config.eos_token_id == tokenizer.eos_token_id
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, LatentThoughtForCausalLM) and loaded.config.latents_per_layer == 4
+    with pytest.raises(ValueError, match=r"unknown latent-thought model field\(s\) \['hidden'\]"):
+        build_latent_thought_checkpoint(None, hidden=32)
+
+
+def recipe_dict(**model):
+    return {
+        "trainer": "latent_thought",
+        "model": model or {"latent_thought": {"hidden_size": 32, "num_layers": 1, "num_heads": 1}},
+        "data": {"train": "synthetic:addition?digits=2&n=16"},
+        "latent_thought": {"fast_steps": 2, "examples_per_text": 2},
+        "training": {"output_dir": "x", "max_steps": 1},
+    }
+
+
+def test_recipe_validates_the_latent_thought_model_section():
+    recipe = parse_recipe(recipe_dict())
+    assert isinstance(recipe.method, DualRateConfig) and recipe.method.examples_per_text == 2
+    assert recipe.model.latent_thought["hidden_size"] == 32
+    with pytest.raises(
+        RecipeError, match=r"'latents_per_layr' in section 'model.latent_thought'.*'latents_per_layer'"
+    ):
+        parse_recipe(recipe_dict(latent_thought={"latents_per_layr": 4}))
+    with pytest.raises(RecipeError, match="one of 'path', 'tiny' and 'latent_thought'"):
+        parse_recipe(recipe_dict(tiny="1m", latent_thought={}))
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        parse_recipe(recipe_dict(latent_thought=[64]))
+    raw = recipe_dict()
+    raw["latent_thought"]["fast_step"] = 3
+    with pytest.raises(RecipeError, match=r"'fast_step' in section 'latent_thought'.*'fast_steps'"):
+        parse_recipe(raw)
+
+
+def test_recipe_builds_the_trainer_and_rejects_a_model_without_latents(tmp_path):
+    recipe = parse_recipe(recipe_dict())
+    model, tokenizer, path = load_model_and_tokenizer(recipe.model, tmp_path)
+    assert isinstance(model, LatentThoughtForCausalLM) and path == str(tmp_path / "init")
+    records = load_records(recipe.data.train)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True, max_steps=1)
+    trainer = build_trainer(recipe, model, tokenizer, records, args, [], path)
+    assert (
+        isinstance(trainer, LatentThoughtTrainer) and len(trainer.train_dataset) == 8
+    )  # 16 records, 2 per text
+    assert trainer.train_dataset[0]["input_ids"][-1] == tokenizer.eos_token_id
+    tiny = parse_recipe(recipe_dict(tiny="1m"))
+    qwen, qwen_tokenizer, qwen_path = load_model_and_tokenizer(tiny.model, tmp_path / "tiny")
+    with pytest.raises(RecipeError, match="needs a latent-thought model.*Qwen2ForCausalLM"):
+        build_trainer(tiny, qwen, qwen_tokenizer, records, args, [], qwen_path)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def test_few_shot_prompt_and_completion_cut():
+    demos = [{"question": "1+2", "solution": "1+2=3", "answer": "3"}]
+    prompt = few_shot_prompt(demos, "4+5")
+    assert prompt == "Q:1+2\nT:1+2=3\nA:3\nQ:4+5\nT:"
+    assert few_shot_prompt([], "4+5") == "Q:4+5\nT:"
+    assert first_example("4+5=9\nA:9\nQ:7+1\nT:7+1=8\nA:8") == "4+5=9\nA:9"
+    picks = choose_demonstrations([{"question": str(i)} for i in range(10)], count=3, shots=2, seed=1)
+    assert [len(p) for p in picks] == [2, 2, 2] and all(p[0] != p[1] for p in picks)
+    assert choose_demonstrations(demos, 2, 0) == [[], []]
+
+
+def test_few_shot_metrics_from_known_decodes(monkeypatch, tokenizer):
+    """avg@K, pass@k over z and the lowest-NELBO pick, from decodes fixed by hand."""
+    import reasoning.eval.latent_thought as latent_eval
+
+    task = "addition?digits=1"
+    questions = [
+        {"question": "3+4", "answer": "7", "task": task},
+        {"question": "5+5", "answer": "10", "task": task},
+    ]
+    decodes = [
+        ["3+4=7\nA:7\nQ:1+1", "3+4=8\nA:8", "junk", "3+4=7\nA:7"],  # 2 of 4 right
+        ["5+5=10\nA:11", "5+5=10\nA:10\nQ:2+2\nT:2+2=4\nA:4", "", "A:1"],  # 1 of 4 right
+    ]
+    nelbos = [[5.0, 1.0, 9.0, 7.0], [3.0, 2.0, 8.0, 4.0]]  # the lowest picks: wrong, right
+    seen = {}
+
+    def fake_decode(model, tokenizer, prompts, **kwargs):
+        seen["prompts"] = prompts
+        return decodes, nelbos
+
+    monkeypatch.setattr(latent_eval, "decode_prompts", fake_decode)
+    demos = [{"question": "1+1", "solution": "1+1=2", "answer": "2"}]
+    result = few_shot_accuracy(small_model(), tokenizer, questions, demos, shots=1, num_inits=4)
+    assert seen["prompts"][0] == "Q:1+1\nT:1+1=2\nA:2\nQ:3+4\nT:"
+    assert result["avg@4"] == pytest.approx((2 / 4 + 1 / 4) / 2)
+    assert result["pass@1"] == pytest.approx(result["avg@4"])
+    assert result["pass@4"] == 1.0
+    assert result["pass@2"] == pytest.approx(((1 - 1 / 6) + (1 - 3 / 6)) / 2)
+    assert result["lowest_nelbo@4"] == 0.5
+    assert result["samples"][0]["completions"][0] == "3+4=7\nA:7"
+
+
+def test_few_shot_accuracy_runs_for_latent_and_autoregressive_models(tokenizer):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    questions = records_from_spec("addition?digits=1&n=3&seed=2&split=all")
+    demos = records_from_spec("addition?digits=1&n=4&seed=3&split=all")
+    config = DualRateConfig(num_inits=2, inference_steps=2)
+    fitted = few_shot_accuracy(
+        small_model(seed=10).eval(), tokenizer, questions, demos, 1, config=config, max_new_tokens=4
+    )
+    assert fitted["latent_inference"] and fitted["num_inits"] == 2 and fitted["inference_steps"] == 2
+    assert {"avg@2", "pass@1", "pass@2", "lowest_nelbo@2"} <= set(fitted)
+    assert len(fitted["samples"][0]["completions"]) == 2
+    prior = few_shot_accuracy(small_model(seed=10).eval(), tokenizer, questions, demos, 1, infer=False)
+    assert not prior["latent_inference"] and prior["num_inits"] == 1 and "lowest_nelbo@1" not in prior
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=258,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            head_dim=32,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    ).eval()
+    ar = few_shot_accuracy(qwen, tokenizer, questions, demos, 2, max_new_tokens=4)
+    assert not ar["latent_inference"] and ar["avg@1"] == ar["pass@1"]
+
+
+def test_token_perplexity_is_the_exact_mean_token_nll(tokenizer):
+    model = small_model(seed=11).eval()
+    texts = ["Q:1+2\nT:1+2=3\nA:3", "Q:4+4\nT:4+4=8\nA:8\nQ:1+1"]
+    out = token_perplexity(model, tokenizer, texts, batch_size=1)
+    total, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor(
+            [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+        )
+        with torch.no_grad():
+            loss = model(ids, labels=ids).loss  # mean over the ids.shape[1] − 1 targets
+        total, count = total + float(loss) * (ids.shape[1] - 1), count + ids.shape[1] - 1
+    assert out["num_tokens"] == count
+    assert out["nll_per_token"] == pytest.approx(total / count, rel=1e-5)
+    assert out["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_evaluate_latent_thought_reports_a_bound_and_both_decodes(tokenizer):
+    heldout = records_from_spec("addition?digits=1&n=4&seed=4&split=all")
+    demos = records_from_spec("addition?digits=1&n=4&seed=5&split=all")
+    config = DualRateConfig(fast_steps=2, num_inits=2, examples_per_text=2, shots=1, answer_max_tokens=4)
+    out = evaluate_latent_thought(small_model(seed=12).eval(), tokenizer, heldout, demos, config)
+    assert out["elbo"]["num_sequences"] == 2 and out["elbo"]["inference_steps"] == 2
+    assert out["elbo"]["perplexity_upper_bound"] == pytest.approx(math.exp(out["elbo"]["nelbo_per_token"]))
+    assert out["few_shot"]["latent_inference"] and not out["few_shot_prior_z"]["latent_inference"]
+    assert out["few_shot"]["questions"] == 4 and out["few_shot"]["shots"] == 1

@@ -39,3 +39,12 @@ def test_scoring_ids_split_the_answer_at_token_boundaries():
     assert scored.ids[scored.trace_start : scored.trace_start + len(trace)] == trace
     assert tokenizer.decode(scored.ids[scored.trace_start : scored.answer_start]) == "2+0=2,1+3=4\nA:"
     assert scored.ids[scored.answer_start :] == encode(tokenizer, "42") + [tokenizer.eos_token_id]
+
+
+def test_find_last_splits_at_token_boundaries():
+    from reasoning.data.templates import find_last
+
+    assert find_last([5, 1, 2, 7, 1, 2, 9], [1, 2]) == 4
+    assert find_last([5, 1, 2], [1, 2]) == 1
+    assert find_last([5, 1, 3], [1, 2]) == -1
+    assert find_last([], [1]) == -1

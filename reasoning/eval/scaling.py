@@ -1,0 +1,431 @@
+"""Inference-time scaling with N sampled rationales: Bayesian inference scaling (BiN), best-of-N, majority.
+
+For a question x the model samples N rationales z_1..z_N ~ π(z|x) (the completions cut before the
+template's answer marker, at a token boundary), and decodes one answer a_i per rationale (greedy
+after z_i and the marker; or the answer written in the sample itself). With the length-normalised
+answer log-likelihood
+
+    ℓ(a | x, z) = (1/|a|) Σ_t log π(a_t | x, z, a_<t)
+
+over the answer's own tokens (with the template's answer suffix and EOS, as `templates.scoring_ids`
+lays them out), the three selectors are:
+
+- `majority`: the most frequent a_i (ties: the one seen first);
+- `bon` (best-of-N ranked by answer likelihood): a_{i*} with i* = argmax_i ℓ(a_i | x, z_i);
+- `bin` (LaCoT's Bayesian inference scaling): each distinct answer a among a_1..a_N is scored by
+  s(a) = (1/N) Σ_i ℓ(a | x, z_i), the mean over *all* rationales, and the argmax is chosen. It
+  marginalises over rationales instead of trusting the single most confident one.
+
+Scores come from a transformers model (the evaluated checkpoint); rationales from any rollout
+engine. Results at every N in `ns` reuse the first N of the same max(ns) samples.
+Also here: the diversity metrics of a group of samples (`distinct_correct`, `pairwise_diversity`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from reasoning.data.templates import Template, encode, scoring_ids, template_for
+from reasoning.models.scoring import span_token_logprobs
+from reasoning.rollout import RolloutEngine, Sampling, make_engine
+
+METHODS = ("bin", "bon", "majority")
+
+
+# --------------------------------------------------------------------------- small pieces
+
+
+def answer_key(answer: str) -> str:
+    """The form in which answers are compared and counted (whitespace removed)."""
+    return "".join(str(answer).split())
+
+
+def find_first(ids: Sequence[int], pattern: Sequence[int]) -> int:
+    """Start of the first occurrence of `pattern` in `ids`, or −1."""
+    pattern = list(pattern)
+    width = len(pattern)
+    if width == 0:
+        return -1
+    for start in range(len(ids) - width + 1):
+        if list(ids[start : start + width]) == pattern:
+            return start
+    return -1
+
+
+def rationale_ids(
+    completion_ids: Sequence[int], marker_ids: Sequence[int], stop_ids: Sequence[int]
+) -> list[int]:
+    """The rationale z of a completion: its tokens before the first answer marker (stop tokens dropped)."""
+    ids = [t for t in completion_ids if t not in set(stop_ids)]
+    cut = find_first(ids, marker_ids)
+    return ids[:cut] if cut >= 0 else ids
+
+
+def distinct_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> int:
+    """Number of distinct (by `answer_key`) answers among the correct samples of one prompt."""
+    return len({answer_key(a) for a, ok in zip(answers, correct) if ok and a is not None})
+
+
+def pairwise_diversity(texts: Sequence[str]) -> float:
+    """1 − mean pairwise similarity of the texts (difflib ratio, 1 = identical); 0 with fewer than 2.
+
+    A character-level stand-in for the methods file's sentence-embedding cosine similarity (no
+    embedding model is available offline); 0 means all samples are identical.
+    """
+    if len(texts) < 2:
+        return 0.0
+    total, pairs = 0.0, 0
+    for i in range(len(texts)):
+        for j in range(i + 1, len(texts)):
+            total += difflib.SequenceMatcher(None, texts[i], texts[j], autojunk=False).ratio()
+            pairs += 1
+    return 1.0 - total / pairs
+
+
+def select_majority(keys: Sequence[str | None]) -> int | None:
+    """Index of the first sample carrying the most frequent answer key (None keys do not vote)."""
+    counts: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key is None:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, i)
+    if not counts:
+        return None
+    winner = min(counts, key=lambda k: (-counts[k], first[k]))
+    return first[winner]
+
+
+def select_bon(own_scores: Sequence[float], keys: Sequence[str | None]) -> int | None:
+    """Index i* = argmax_i ℓ(a_i | x, z_i) over samples with an answer (ties: the first)."""
+    best, index = -float("inf"), None
+    for i, (score, key) in enumerate(zip(own_scores, keys)):
+        if key is not None and (index is None or score > best):
+            best, index = score, i
+    return index
+
+
+def bin_scores(loglik: torch.Tensor) -> torch.Tensor:
+    """`loglik [Z, A]` = ℓ(a_j | x, z_i) -> `[A]`: s(a_j) = (1/Z) Σ_i ℓ(a_j | x, z_i)."""
+    return loglik.mean(dim=0)
+
+
+def select_bin(loglik: torch.Tensor) -> int | None:
+    """Index of the answer column with the highest `bin_scores` (None for no candidates)."""
+    if loglik.numel() == 0:
+        return None
+    return int(torch.argmax(bin_scores(loglik)).item())
+
+
+@torch.no_grad()
+def answer_loglik(
+    model: torch.nn.Module,
+    tokenizer,
+    template: Template,
+    prompt_ids: Sequence[int],
+    pairs: Sequence[tuple[Sequence[int], str]],
+    batch_size: int = 64,
+) -> list[float]:
+    """ℓ(a | x, z) for each (rationale ids z, answer a): mean log-prob of the answer's own tokens."""
+    if not pairs:
+        return []
+    laid_out = [scoring_ids(template, tokenizer, list(prompt_ids), list(z), a) for z, a in pairs]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    logps = span_token_logprobs(
+        model,
+        [s.ids for s in laid_out],
+        [s.answer_start for s in laid_out],
+        pad_id=pad,
+        batch_size=batch_size,
+    )
+    return [float(lp.mean()) if len(lp) else -float("inf") for lp in logps]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def resolve_benchmark(name: str):
+    """A named benchmark, or `synthetic:SPEC` (e.g. `synthetic:countdown?max_number=9&n=200&split=test`):
+    the held-out problems of an embedded task with its own settings, graded by its verifier."""
+    from reasoning.eval.benchmarks import BENCHMARKS, Benchmark
+
+    if not name.startswith("synthetic:"):
+        if name not in BENCHMARKS:
+            raise ValueError(
+                f"unknown benchmark {name!r}; available: {', '.join(sorted(BENCHMARKS))} or synthetic:SPEC"
+            )
+        return BENCHMARKS[name]
+    from reasoning.data.synthetic import records_from_spec
+    from reasoning.rewards.verifier import is_correct
+
+    spec = name.removeprefix("synthetic:")
+
+    def load(limit: int | None) -> list[dict[str, Any]]:
+        records = records_from_spec(spec)
+        return records[:limit] if limit is not None else records
+
+    field = lambda key: lambda row: str(row.get(key, ""))  # noqa: E731
+    return Benchmark(
+        name,
+        None,
+        field("question"),
+        field("answer"),
+        field("solution"),
+        loader=load,
+        grader=is_correct,
+        max_tokens=64,
+    )
+
+
+def _powers(n: int) -> list[int]:
+    ns, k = [], 1
+    while k < n:
+        ns.append(k)
+        k *= 2
+    return [*ns, n]
+
+
+def default_ns(n: int) -> list[int]:
+    """N values reported for `--n n`: the powers of two below n (from 4) and n itself."""
+    return [k for k in _powers(n) if k >= 4 or k == n]
+
+
+def scaling_eval(
+    model_path: str,
+    benchmarks: list[str],
+    *,
+    ns: Sequence[int] = (4, 8, 16),
+    methods: Sequence[str] = METHODS,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_tokens: int | None = None,
+    answer_decoding: str = "greedy",
+    answer_max_tokens: int = 32,
+    limit: int | None = None,
+    engine: str | RolloutEngine = "hf",
+    scorer: torch.nn.Module | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    batch_size: int = 64,
+    output_dir: str | Path | None = None,
+    console: Console | None = None,
+    engine_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Accuracy of `methods` (bin, bon, majority) at each N in `ns`, per benchmark.
+
+    Samples max(ns) rationales per problem at `temperature` with `engine`, decodes an answer per
+    rationale (`answer_decoding`: "greedy" after the rationale and the answer marker, or "sampled":
+    the answer written in the sample), scores answers with `scorer` (default: the checkpoint loaded
+    with transformers, or the hf engine's own model) and selects. Also reports avg@N and pass@N of
+    the decoded answers, the mean number of distinct correct answers among the N, and 1 − mean
+    pairwise similarity of the rationales. Writes `results.json` and `samples.jsonl` to `output_dir`.
+    """
+    from reasoning.eval.benchmarks import load_benchmark
+    from reasoning.eval.evaluate import library_versions
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown scaling method(s) {unknown}; choose from {', '.join(METHODS)}")
+    resolved = {name: resolve_benchmark(name) for name in benchmarks}
+    if answer_decoding not in ("greedy", "sampled"):
+        raise ValueError(f"answer_decoding must be greedy or sampled, got {answer_decoding!r}")
+    ns = sorted({int(n) for n in ns})
+    if not ns or ns[0] < 1:
+        raise ValueError(f"every N must be >= 1, got {ns}")
+    if temperature <= 0:
+        raise ValueError("scaling needs sampled rationales: temperature must be > 0")
+    console = console or Console(stderr=True)
+    owns_engine = isinstance(engine, str)
+    engine_kind = engine if isinstance(engine, str) else type(engine).__name__
+    if isinstance(engine, str):
+        engine = make_engine(engine, model_path, dtype=dtype, **(engine_kwargs or {}))
+    tokenizer = engine.tokenizer
+    template = template_for(tokenizer)
+    if scorer is None:
+        scorer = getattr(engine, "model", None)
+        if not isinstance(scorer, torch.nn.Module):
+            from transformers import AutoModelForCausalLM
+
+            scorer = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    scorer.eval()
+    out_dir = Path(output_dir) if output_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "samples.jsonl").write_text("")
+    results: dict[str, Any] = {
+        "model": str(model_path),
+        "engine": engine_kind,
+        "dtype": dtype,
+        "scaling": {
+            "methods": list(methods),
+            "ns": ns,
+            "temperature": temperature,
+            "top_p": top_p,
+            "answer_decoding": answer_decoding,
+            "seed": seed,
+        },
+        "versions": library_versions(),
+        "benchmarks": {},
+    }
+    try:
+        for name in benchmarks:
+            bench = resolved[name]
+            records = bench.loader(limit) if bench.loader is not None else load_benchmark(name, limit=limit)
+            start = time.monotonic()
+            sampling = Sampling(
+                temperature=temperature, top_p=top_p, max_tokens=max_tokens or bench.max_tokens, seed=seed
+            )
+            lines = _scale_benchmark(
+                records, bench, engine, scorer, tokenizer, template, sampling, ns, methods,
+                answer_decoding, answer_max_tokens, batch_size,
+            )  # fmt: skip
+            metrics = _aggregate(lines, ns, methods)
+            metrics["problems"] = len(records)
+            metrics["seconds"] = time.monotonic() - start
+            results["benchmarks"][name] = metrics
+            if out_dir:
+                with (out_dir / "samples.jsonl").open("a") as f:
+                    f.writelines(json.dumps({"benchmark": name, **line}) + "\n" for line in lines)
+    finally:
+        if owns_engine:
+            engine.close()
+    if out_dir:
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    console.print(scaling_table(results))
+    return results
+
+
+def _scale_benchmark(
+    records, bench, engine, scorer, tokenizer, template, sampling, ns, methods,
+    answer_decoding, answer_max_tokens, batch_size,
+) -> list[dict[str, Any]]:  # fmt: skip
+    n_max = max(ns)
+    marker = encode(tokenizer, template.answer_prefix)
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    lines: list[dict[str, Any]] = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        prompts = [encode(tokenizer, template.prior_prompt(r["question"], tokenizer)) for r in chunk]
+        chunk_sampling = sampling
+        if sampling.seed is not None:
+            chunk_sampling = Sampling(**{**asdict(sampling), "seed": sampling.seed + start})
+        groups = engine.generate(prompts, chunk_sampling, n=n_max)
+        rationales = [[rationale_ids(r.completion_ids, marker, stops) for r in g] for g in groups]
+        if answer_decoding == "greedy":
+            queries = [p + z + marker for p, zs in zip(prompts, rationales) for z in zs]
+            greedy = Sampling(temperature=0.0, max_tokens=answer_max_tokens, seed=None)
+            decoded = [g[0].text for g in engine.generate(queries, greedy, n=1)]
+            texts = [template.answer_prefix + d for d in decoded]
+        else:
+            texts = [r.text for g in groups for r in g]
+        answers = [template.split_completion(t)[1] for t in texts]
+        answers = [a if a else None for a in answers]
+        for i, (record, prompt, group) in enumerate(zip(chunk, prompts, groups)):
+            zs = rationales[i]
+            mine = answers[i * n_max : (i + 1) * n_max]
+            keys = [None if a is None else answer_key(a) for a in mine]
+            lines.append(
+                _score_problem(
+                    record, bench, scorer, tokenizer, template, prompt, group, zs, mine, keys, ns, methods
+                )
+            )
+    return lines
+
+
+def _score_problem(record, bench, scorer, tokenizer, template, prompt, group, zs, answers, keys, ns, methods):
+    candidates: list[str] = []  # distinct keys in order of appearance
+    representative: dict[str, str] = {}
+    for a, key in zip(answers, keys):
+        if key is not None and key not in representative:
+            representative[key] = a
+            candidates.append(key)
+    graded = {
+        key: bool(bench.grade(template.completion("", representative[key]), record)) for key in candidates
+    }
+    correct = [key is not None and graded[key] for key in keys]
+    matrix = torch.full((len(zs), len(candidates)), -float("inf"))
+    if "bin" in methods and candidates:
+        pairs = [(z, representative[key]) for z in zs for key in candidates]
+        matrix = torch.tensor(answer_loglik(scorer, tokenizer, template, prompt, pairs)).view(
+            len(zs), len(candidates)
+        )
+        own = [
+            matrix[i, candidates.index(key)].item() if key is not None else -float("inf")
+            for i, key in enumerate(keys)
+        ]
+    elif "bon" in methods:
+        index = [i for i, key in enumerate(keys) if key is not None]
+        scores = answer_loglik(scorer, tokenizer, template, prompt, [(zs[i], answers[i]) for i in index])
+        own = [-float("inf")] * len(zs)
+        for i, s in zip(index, scores):
+            own[i] = s
+    else:
+        own = [-float("inf")] * len(zs)
+    line: dict[str, Any] = {
+        "id": record.get("id"),
+        "question": record["question"],
+        "gold": record["answer"],
+        "rationales": [r.text for r in group],
+        "answers": answers,
+        "correct": correct,
+        "own_scores": own,
+        "candidates": candidates,
+        "matrix": matrix.tolist(),
+        "picked": {},
+    }
+    for n in ns:
+        sub_keys = keys[:n]
+        in_sub = [j for j, key in enumerate(candidates) if key in set(sub_keys)]
+        picks: dict[str, bool] = {}
+        if "majority" in methods:
+            i = select_majority(sub_keys)
+            picks["majority"] = i is not None and correct[i]
+        if "bon" in methods:
+            i = select_bon(own[:n], sub_keys)
+            picks["bon"] = i is not None and correct[i]
+        if "bin" in methods:
+            j = select_bin(matrix[:n, in_sub]) if in_sub else None
+            picks["bin"] = j is not None and graded[candidates[in_sub[j]]]
+        line["picked"][str(n)] = picks
+        line.setdefault("distinct_correct", {})[str(n)] = distinct_correct(answers[:n], correct[:n])
+        line.setdefault("diversity", {})[str(n)] = pairwise_diversity([r.text for r in group[:n]])
+    return line
+
+
+def _aggregate(lines: list[dict[str, Any]], ns: Sequence[int], methods: Sequence[str]) -> dict[str, float]:
+    count = max(len(lines), 1)
+    metrics: dict[str, float] = {}
+    for n in ns:
+        for method in methods:
+            metrics[f"{method}@{n}"] = sum(line["picked"][str(n)][method] for line in lines) / count
+        metrics[f"avg@{n}"] = sum(sum(line["correct"][:n]) / n for line in lines) / count
+        metrics[f"pass@{n}"] = sum(any(line["correct"][:n]) for line in lines) / count
+        metrics[f"distinct_correct@{n}"] = sum(line["distinct_correct"][str(n)] for line in lines) / count
+        metrics[f"diversity@{n}"] = sum(line["diversity"][str(n)] for line in lines) / count
+    return metrics
+
+
+def scaling_table(results: dict[str, Any]) -> Table:
+    """One row per benchmark and N: accuracy of each method, avg@N, pass@N, distinct correct answers."""
+    methods = results["scaling"]["methods"]
+    table = Table(title=f"inference scaling: {results['model']}  ({results['engine']})")
+    for column in ["benchmark", "N", *methods, "avg", "pass", "distinct correct", "diversity"]:
+        table.add_column(column, justify="left" if column == "benchmark" else "right")
+    for name, metrics in results["benchmarks"].items():
+        for n in results["scaling"]["ns"]:
+            row = [name, str(n)] + [f"{100 * metrics[f'{m}@{n}']:.1f}" for m in methods]
+            row += [f"{100 * metrics[f'avg@{n}']:.1f}", f"{100 * metrics[f'pass@{n}']:.1f}"]
+            row += [f"{metrics[f'distinct_correct@{n}']:.2f}", f"{metrics[f'diversity@{n}']:.3f}"]
+            table.add_row(*row)
+    return table

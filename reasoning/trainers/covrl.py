@@ -1,0 +1,796 @@
+"""CoVRL — Coupled Variational RL (Wen et al., arXiv 2512.12576) and the verifier-free reward family.
+
+One set of weights plays three roles by prompt template (`data/templates.py`): the prior
+p_φ(z|x) (question only), the posterior q_ψ(z|x, y*) (the reference answer y* as a hint in the
+prompt) and the decoder p_θ(y*|x, z) (y* appended after the trace, scored under the prior
+prompt). The trainer maximises the ELBO E_{p′}[log p_θ(y*|x, z)] − KL(p′ ‖ p_φ) with the
+composite policy p′(z_t|·) = w p_φ(z_t|·) + (1 − w) q_ψ(z_t|·) (w = ½ in the paper):
+
+- hybrid sampling: each rollout (or each prompt group, `sampling_level: group`) is generated from
+  the prior prompt with probability α, else from the posterior prompt;
+- both template passes (prior and posterior prompt over the same completion tokens) run as one
+  batched forward; log p′_t = logsumexp(log w + ℓp_t, log(1 − w) + ℓq_t);
+- reward R = log p_θold(y*|x, z): the trace is cut at the answer marker (a token boundary), the
+  answer prefix and y* are appended and scored by the old policy under the prior prompt;
+- advantage Â = R − mean of the group (optionally std-normalised; truncated samples excluded);
+- loss = clipped surrogate on p′ (ε = 0.3; ratio p′_θ / p_behaviour,old, the old prior's
+  probability for prior-sampled rows and the old posterior's for posterior-sampled ones)
+  + kl_coef · KL(p′ ‖ p_φ) (per-token unbiased estimator, skipped on truncated samples)
+  + selective NLL of the prior on prior-sampled, well-formed samples with Â > 0;
+- `reward:` swaps in the verifier-free baselines — verifree, rlpr, jepo, nover, latro — or the
+  usual correctness reward (`verifier`). With α = 1 (and then, by default, w = 1: the policy is the
+  prior alone, the KL term vanishes and the posterior pass is skipped) each reproduces its method
+  under otherwise identical settings.
+
+The mathematics lives in `objectives/covrl.py`, `objectives/policy.py` and `rewards/likelihood.py`;
+this file holds the sampling and the orchestration.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from reasoning.data.templates import encode, find_last, scoring_ids
+from reasoning.models.scoring import span_token_logprobs
+from reasoning.objectives.covrl import (
+    behaviour_logprobs,
+    composite_clipped_surrogate,
+    composite_kl,
+    composite_logprobs,
+    nll_selection,
+    sample_sources,
+    selective_nll,
+)
+from reasoning.objectives.logprobs import masked_mean, masked_sum, token_logprobs_from_hidden
+from reasoning.objectives.policy import aggregate_loss, clipped_surrogate
+from reasoning.objectives.variational import normalized_weights
+from reasoning.rewards.likelihood import (
+    answer_logprob,
+    ema_threshold,
+    group_reward_std,
+    jensen_bound,
+    latro_reward,
+    mean_token_probability,
+    nover_reward,
+    rlpr_reward,
+    rlpr_std_filter,
+    truncated_value,
+    verifree_answer_nll,
+    verifree_reward,
+)
+from reasoning.rollout import Rollout, Sampling
+from reasoning.trainers.base import RolloutTrainer, RolloutTrainerConfig
+
+REWARDS = ("covrl", "verifree", "rlpr", "jepo", "nover", "latro", "verifier")
+SOURCES = ("prior", "posterior")
+LOSS_TYPES = ("grpo", "token_mean", "dr_grpo", "sum")
+
+
+@dataclass
+class CoVRLConfig(RolloutTrainerConfig):
+    """The `covrl:` section of a recipe."""
+
+    reward: str = field(
+        default="covrl",
+        metadata={
+            "help": "Training reward: covrl (log p(y*|x,z)), verifree, rlpr, jepo, nover, latro, or verifier "
+            "(the reward functions of the `reward:` section). With a likelihood reward those functions "
+            "are only logged."
+        },
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Hybrid sampling: probability that a trajectory is sampled from the prior prompt."},
+    )
+    sampling_level: str = field(
+        default="rollout",
+        metadata={"help": "Draw the source per rollout (rollout) or once per prompt group (group)."},
+    )
+    composite_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "Prior weight w in p′ = w·p_φ + (1−w)·q_ψ (paper: ½). Default ½, or 1 when alpha = 1 "
+            "(the policy is then the prior alone: no KL, no posterior pass, as in the baselines)."
+        },
+    )
+    epsilon: float = field(default=0.3, metadata={"help": "Lower clipping range ε_low of the surrogate."})
+    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clipping range (default ε)."})
+    ratio_to: str = field(
+        default="behaviour",
+        metadata={
+            "help": "Ratio denominator: behaviour (old prior / old posterior by source, methods file) or "
+            "composite (old p′, the plain PPO ratio)."
+        },
+    )
+    scale_advantages: str = field(
+        default="none",
+        metadata={"help": "Advantage scale after the group baseline: none, group (std) or batch (std)."},
+    )
+    baseline: str | None = field(
+        default=None,
+        metadata={"help": "mean (group mean) or rloo (leave-one-out). Default: rloo for verifree and latro."},
+    )
+    kl_coef: float = field(
+        default=1.0, metadata={"help": "Coefficient of the KL(p′ ‖ p_φ) loss term (1 = the ELBO's weight)."}
+    )
+    kl_weighting: str = field(
+        default="token",
+        metadata={"help": "KL estimator weight: token (p′/s per token, methods file) or sequence (prefix)."},
+    )
+    nll_coef: float = field(
+        default=0.1,
+        metadata={"help": "Selective NLL (prior-sampled, well-formed, Â > 0) coefficient."},
+    )
+    answer_nll_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Decoder term −w·log p(y*|x,z) (weights: R for verifree, self-normalised for jepo, 1 "
+            "otherwise). Default: 1 for verifree and jepo, 0 otherwise."
+        },
+    )
+    answer_reduction: str = field(
+        default="sum",
+        metadata={"help": "covrl/jepo reward: sum (log p(y*|x,z)) or mean (per answer token)."},
+    )
+    truncated_reward: Any = field(
+        default="none",
+        metadata={
+            "help": 'Reward of truncated samples: "none" (excluded from the group, Â = 0) or a number.'
+        },
+    )
+    policy_tokens: str = field(
+        default="trace",
+        metadata={
+            "help": "Tokens under the surrogate and KL: trace (before the answer marker) or completion "
+            "(every generated token)."
+        },
+    )
+    loss_type: str = field(
+        default="grpo",
+        metadata={
+            "help": "Token aggregation: grpo (mean over tokens, then sequences), token_mean, dr_grpo, sum."
+        },
+    )
+    hint_column: str = field(
+        default="answer", metadata={"help": "Column shown as the hint in the posterior prompt."}
+    )
+    answer_column: str = field(default="answer", metadata={"help": "Column holding the reference answer y*."})
+    hint_after: bool = field(
+        default=False, metadata={"help": "Posterior prompt states the answer first, then asks for the trace."}
+    )
+    latro_beta: float = field(default=0.05, metadata={"help": "LaTRO: β of the log(q/π₀) penalty."})
+    rlpr_debias: bool = field(
+        default=True, metadata={"help": "RLPR: subtract the no-trace mean token probability."}
+    )
+    rlpr_std_filter: bool = field(
+        default=True, metadata={"help": "RLPR: drop groups whose reward std is below the EMA threshold."}
+    )
+    rlpr_filter_momentum: float = field(
+        default=0.99, metadata={"help": "RLPR: momentum of the EMA threshold."}
+    )
+    scoring_batch_size: int = field(
+        default=64, metadata={"help": "Sequences per forward when scoring the reference answer."}
+    )
+
+    def __post_init__(self) -> None:
+        _one_of("reward", self.reward, REWARDS)
+        _one_of("sampling_level", self.sampling_level, ("rollout", "group"))
+        _one_of("ratio_to", self.ratio_to, ("behaviour", "composite"))
+        _one_of("scale_advantages", self.scale_advantages, ("none", "group", "batch"))
+        _one_of("kl_weighting", self.kl_weighting, ("token", "sequence"))
+        _one_of("answer_reduction", self.answer_reduction, ("sum", "mean"))
+        _one_of("policy_tokens", self.policy_tokens, ("trace", "completion"))
+        _one_of("loss_type", self.loss_type, LOSS_TYPES)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.composite_weight is None:
+            self.composite_weight = 1.0 if self.alpha == 1.0 else 0.5
+        if not 0.0 < self.composite_weight <= 1.0:
+            raise ValueError(f"composite_weight must be in (0, 1], got {self.composite_weight}")
+        if self.baseline is None:
+            self.baseline = "rloo" if self.reward in ("verifree", "latro") else "mean"
+        _one_of("baseline", self.baseline, ("mean", "rloo"))
+        if self.answer_nll_coef is None:
+            self.answer_nll_coef = 1.0 if self.reward in ("verifree", "jepo") else 0.0
+        if self.epsilon <= 0:
+            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+        if self.truncated_reward != "none":
+            value = truncated_value(self.truncated_reward)
+            if not math.isfinite(value):
+                raise ValueError('truncated_reward must be "none" or a finite number')
+        if self.baseline == "rloo" and self.num_generations < 2:
+            raise ValueError("the rloo baseline needs num_generations >= 2")
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
+
+
+def group_baseline_advantages(
+    rewards: torch.Tensor, group_size: int, baseline: str = "mean", scale: str = "none", eps: float = 1e-4
+) -> torch.Tensor:
+    """Group-relative advantages with NaN rewards left out, `[N] -> [N]` (N = groups × group_size).
+
+    Â_i = (r_i − mean_j r_j) over the group's valid (non-NaN) entries, times n/(n − 1) for the
+    leave-one-out baseline (`rloo`: r_i − mean_{j≠i} r_j), divided by the group's or the batch's
+    std of valid rewards (+ eps) when `scale` says so. NaN entries (truncated samples) get Â = 0 and
+    do not move their group's baseline.
+    """
+    grouped = rewards.view(-1, group_size)
+    valid = ~torch.isnan(grouped)
+    count = valid.sum(dim=1, keepdim=True).to(rewards.dtype)
+    mean = torch.where(valid, grouped, torch.zeros_like(grouped)).sum(dim=1, keepdim=True) / count.clamp(
+        min=1
+    )
+    centred = torch.where(valid, grouped - mean, torch.zeros_like(grouped))
+    if baseline == "rloo":
+        centred = centred * torch.where(count > 1, count / (count - 1).clamp(min=1), torch.zeros_like(count))
+    elif baseline != "mean":
+        raise ValueError(f"baseline must be mean or rloo, got {baseline!r}")
+    if scale == "group":
+        std = torch.nan_to_num(group_reward_std(rewards, group_size), nan=0.0).unsqueeze(1)
+        centred = centred / (std + eps)
+    elif scale == "batch":
+        finite = rewards[~torch.isnan(rewards)]
+        centred = centred / ((finite.std() if finite.numel() > 1 else 0.0) + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be none, group or batch, got {scale!r}")
+    return centred.reshape(-1)
+
+
+class CoVRLTrainer(RolloutTrainer):
+    """CoVRL and the verifier-free baselines on engine rollouts (see the module docstring)."""
+
+    config: CoVRLConfig
+    # likelihood rewards need no reward function; `verifier` checks for one in __init__
+    needs_rewards = False
+
+    def __init__(self, *args: Any, ref_model: torch.nn.Module | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cfg = self.config
+        if cfg.reward == "verifier" and not self.reward_funcs:
+            raise ValueError("covrl.reward = verifier needs at least one reward function (reward.functions)")
+        self.ref_model = ref_model
+        if cfg.reward == "latro" and ref_model is None:
+            self.ref_model = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval()
+            self.ref_model.requires_grad_(False)
+        self.rlpr_threshold = 0.0
+        tokenizer = self.processing_class
+        self._marker_ids = encode(tokenizer, self.template.answer_prefix)
+        self._stop_ids = {tokenizer.eos_token_id, *self.sampling.stop_token_ids} - {None}
+
+    # ------------------------------------------------------------------ data
+    def _prepare_prompts(self, dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+        """Prior prompts (the base) plus the posterior prompt with the hint, as text and ids."""
+        cfg, template = self.config, self.template
+        for column in {cfg.hint_column, cfg.answer_column}:
+            if column not in dataset.column_names:
+                raise ValueError(
+                    f"covrl needs the column {column!r} in the training data; it has {dataset.column_names}"
+                )
+        dataset = super()._prepare_prompts(dataset, tokenizer)
+
+        def add_posterior(row: dict[str, Any]) -> dict[str, Any]:
+            text = template.posterior_prompt(
+                row["question"], str(row[cfg.hint_column]), tokenizer, hint_after=cfg.hint_after
+            )
+            return {"posterior_prompt": text, "posterior_prompt_ids": encode(tokenizer, text)}
+
+        dataset = dataset.map(add_posterior)
+        if cfg.max_prompt_length:
+            dataset = dataset.filter(lambda row: len(row["posterior_prompt_ids"]) <= cfg.max_prompt_length)
+        return dataset
+
+    # ------------------------------------------------------------------ hybrid sampling
+    def hybrid_sources(self, num_groups: int) -> torch.Tensor:
+        """Which rollouts the prior samples, `bool [num_groups, G]`, seeded by the step (a resume repeats it)."""
+        seed = self.args.seed + 7919 * self.state.global_step + 104729 * self.args.process_index
+        generator = torch.Generator().manual_seed(seed)
+        size = self.config.num_generations
+        flags = sample_sources(num_groups, size, self.config.alpha, self.config.sampling_level, generator)
+        return flags.view(num_groups, size)
+
+    def generate(self, rows: list[dict[str, Any]]) -> list[list[Rollout]]:
+        """G rollouts per prompt, each from the prior or the posterior prompt as `hybrid_sources` says.
+
+        Always one engine call (each call costs a full decoding loop, which dominates on small
+        models). When every group has a single source (per-group sampling, α ∈ {0, 1}) the call
+        takes one prompt per group with n = G and the step's seed, as the base does. Otherwise it
+        takes one prompt per rollout with n = 1 and no per-request seed: a seeded request
+        repeats its sample for identical prompts (vLLM seeds each request's generator), so the
+        engine's own generator draws them (reproducible from a fresh start, not across a resume).
+        Each rollout carries `extra["from_prior"]`; within a group the rollouts keep the drawn positions.
+        """
+        self.sync_engine()
+        start = time.monotonic()
+        sources = self.hybrid_sources(len(rows))
+        keys = {True: "prompt_ids", False: "posterior_prompt_ids"}
+        sampling = self.generation_sampling()
+        if bool((sources == sources[:, :1]).all()):
+            prompts = [row[keys[bool(flags[0])]] for row, flags in zip(rows, sources)]
+            groups = self.engine.generate(prompts, sampling, n=self.config.num_generations)
+        else:
+            prompts = [row[keys[flag]] for row, flags in zip(rows, sources.tolist()) for flag in flags]
+            unseeded = Sampling(**{**sampling.__dict__, "seed": None})
+            flat = [group[0] for group in self.engine.generate(prompts, unseeded, n=1)]
+            size = self.config.num_generations
+            groups = [flat[i * size : (i + 1) * size] for i in range(len(rows))]
+        for i, (group, flags) in enumerate(zip(groups, sources.tolist())):
+            for rollout, from_prior in zip(group, flags):
+                rollout.extra["from_prior"] = from_prior
+                rollout.prompt_index = i
+        self._metrics["time/generation"].append(time.monotonic() - start)
+        return [list(group) for group in groups]
+
+    # ------------------------------------------------------------------ batch
+    def split_trace(self, rollout: Rollout) -> tuple[list[int], bool]:
+        """(trace ids, marker found): the completion cut before its last answer marker, stop token dropped.
+
+        Without a marker the whole completion (minus the stop token) is the trace; y* is then
+        appended after it with the template's answer prefix all the same.
+        """
+        ids = list(rollout.completion_ids)
+        if rollout.finish_reason == "stop" and ids and ids[-1] in self._stop_ids:
+            ids = ids[:-1]
+        cut = find_last(ids, self._marker_ids) if self._marker_ids else -1
+        return (ids[:cut], True) if cut >= 0 else (ids, False)
+
+    def _well_formed(self, rollout: Rollout) -> bool:
+        _, answer = self.template.split_completion(rollout.text)
+        return not rollout.truncated and bool(answer and answer.strip())
+
+    def _reuses_batch(self) -> bool:
+        return super().needs_old_logprobs()
+
+    def needs_old_logprobs(self) -> bool:
+        # The old prior and posterior passes are stored by build_batch itself (two tensors, not one).
+        return False
+
+    def needs_posterior_pass(self) -> bool:
+        """The posterior template is scored unless p′ is the prior alone and nothing was posterior-sampled."""
+        return self.config.composite_weight < 1.0 or self.config.alpha < 1.0
+
+    def build_batch(
+        self, rows: list[dict[str, Any]], groups: list[list[Rollout]], rewards: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        batch = self.collate_rollouts(groups)
+        rollouts = [r for group in groups for r in group]
+        row_of = [i for i, group in enumerate(groups) for _ in group]
+        n, width = batch["completion_ids"].shape
+        prior_prompts = [list(rows[i]["prompt_ids"]) for i in row_of]
+        posterior_prompts = [list(rows[i]["posterior_prompt_ids"]) for i in row_of]
+        batch.update(self._pad_prompts(prior_prompts, posterior_prompts))
+        batch["from_prior"] = torch.tensor([bool(r.extra["from_prior"]) for r in rollouts])
+        batch["well_formed"] = torch.tensor([self._well_formed(r) for r in rollouts])
+        traces = [self.split_trace(r) for r in rollouts]
+        trace_lengths = torch.tensor(
+            [len(t) if found else len(r.completion_ids) for (t, found), r in zip(traces, rollouts)]
+        )
+        positions = torch.arange(width).unsqueeze(0)
+        batch["trace_mask"] = (positions < trace_lengths.unsqueeze(1)).long() * batch["completion_mask"]
+        batch["policy_mask"] = (
+            batch["trace_mask"] if cfg.policy_tokens == "trace" else batch["completion_mask"]
+        )
+
+        # Old policy: both template passes when the batch outlives this step (or LaTRO needs log q(z|x)).
+        old = None
+        if self._reuses_batch() or cfg.reward == "latro":
+            old = self._passes_without_grad(self.model, batch, posterior=self.needs_posterior_pass())
+            batch["old_prior_logprobs"] = old[0]
+            if old[1] is not None:
+                batch["old_posterior_logprobs"] = old[1]
+        if not self._reuses_batch():
+            batch.pop("old_prior_logprobs", None)
+            batch.pop("old_posterior_logprobs", None)
+
+        # The reference answer after each trace, scored by the old policy under the prior prompt.
+        answers = [str(rows[i][cfg.answer_column]) for i in row_of]
+        scored = [
+            scoring_ids(self.template, self.processing_class, prompt, trace, answer)
+            for prompt, (trace, _), answer in zip(prior_prompts, traces, answers)
+        ]
+        start = time.monotonic()
+        answer_logp, answer_mask = self._answer_logprobs(scored)
+        truncated = batch["truncated"]
+        total = self._training_reward(
+            rows, rewards, answer_logp, answer_mask, truncated, trace_lengths, old, batch
+        )
+        self._metrics["time/answer_scoring"].append(time.monotonic() - start)
+        advantages = group_baseline_advantages(
+            total, cfg.num_generations, baseline=cfg.baseline, scale=cfg.scale_advantages
+        )
+        if cfg.reward == "rlpr" and cfg.rlpr_std_filter:
+            keep = rlpr_std_filter(total, cfg.num_generations, self.rlpr_threshold)
+            self.record("rlpr/kept_fraction", keep.float().mean())
+            self.record("rlpr/threshold", self.rlpr_threshold)
+            self.rlpr_threshold = ema_threshold(
+                self.rlpr_threshold, group_reward_std(total, cfg.num_generations), cfg.rlpr_filter_momentum
+            )
+            advantages = advantages * keep
+        batch["advantages"] = advantages
+        if cfg.answer_nll_coef > 0:
+            batch.update(self._answer_tensors(scored))
+            batch["answer_weights"] = self._answer_weights(total, answer_logp, answer_mask, truncated)
+        valid = ~torch.isnan(total)
+        batch["training_rewards"] = total
+        # The base logs `rewards` (mean, group std): truncated samples show their group's mean there.
+        grouped = total.view(-1, cfg.num_generations)
+        fill = torch.nan_to_num(torch.nanmean(grouped, dim=1, keepdim=True), nan=0.0).expand_as(grouped)
+        batch["rewards"] = torch.where(valid.view_as(grouped), grouped, fill).reshape(-1)
+        self._record_generation(batch, rewards, answer_logp, answer_mask, trace_lengths)
+        return batch
+
+    def _pad_prompts(self, prior: list[list[int]], posterior: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Prior and posterior prompts left-padded to one common width (so one forward takes both)."""
+        pad = self.processing_class.pad_token_id or 0
+        width = max(len(p) for p in prior + posterior)
+        out = {}
+        for name, prompts in (("prompt", prior), ("posterior_prompt", posterior)):
+            ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(prompts), width), dtype=torch.long)
+            for i, p in enumerate(prompts):
+                ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+                mask[i, width - len(p) :] = 1
+            out[f"{name}_ids"], out[f"{name}_mask"] = ids, mask
+        return out
+
+    @torch.no_grad()
+    def _answer_logprobs(self, scored: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p_θold(y*_t | x, z, y*_<t) `[N, A]` and its mask (temperature 1: the model's own likelihood)."""
+        model = self.accelerator.unwrap_model(self.model)
+        spans = span_token_logprobs(
+            model,
+            [s.ids for s in scored],
+            [s.answer_start for s in scored],
+            pad_id=self.processing_class.pad_token_id or 0,
+            batch_size=self.config.scoring_batch_size,
+        )
+        width = max(max(len(s) for s in spans), 1)
+        logp = torch.zeros((len(spans), width))
+        mask = torch.zeros((len(spans), width), dtype=torch.long)
+        for i, span in enumerate(spans):
+            logp[i, : len(span)] = span
+            mask[i, : len(span)] = 1
+        return logp, mask
+
+    def _training_reward(
+        self,
+        rows: list[dict[str, Any]],
+        table: torch.Tensor,
+        answer_logp: torch.Tensor,
+        answer_mask: torch.Tensor,
+        truncated: torch.Tensor,
+        trace_lengths: torch.Tensor,
+        old: tuple[torch.Tensor, torch.Tensor | None] | None,
+        batch: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """The reward `[N]` that trains (NaN = not applicable: truncated samples with `truncated_reward: none`)."""
+        cfg = self.config
+        flags = dict(truncated=truncated, truncated_reward=cfg.truncated_reward)
+        if cfg.reward == "verifier":
+            return self.combine_rewards(table)
+        if cfg.reward == "covrl":
+            return answer_logprob(answer_logp, answer_mask, cfg.answer_reduction, **flags)
+        if cfg.reward == "jepo":
+            reward = answer_logprob(answer_logp, answer_mask, cfg.answer_reduction, **flags)
+            bound = jensen_bound(reward.view(-1, cfg.num_generations))
+            if (~torch.isnan(bound)).any():
+                self.record("jepo/bound", bound[~torch.isnan(bound)].mean())
+            return reward
+        if cfg.reward == "verifree":
+            return verifree_reward(answer_logp, answer_mask, **flags)
+        if cfg.reward == "nover":
+            return nover_reward(answer_logp, answer_mask, cfg.num_generations, trace_lengths, **flags)
+        if cfg.reward == "rlpr":
+            no_trace = None
+            if cfg.rlpr_debias:
+                bare = [
+                    scoring_ids(
+                        self.template,
+                        self.processing_class,
+                        list(row["prompt_ids"]),
+                        [],
+                        str(row[cfg.answer_column]),
+                    )
+                    for row in rows
+                ]
+                logp, mask = self._answer_logprobs(bare)
+                no_trace = mean_token_probability(logp, mask).repeat_interleave(cfg.num_generations)
+                self.record("rlpr/no_trace_probability", no_trace.mean())
+            return rlpr_reward(answer_logp, answer_mask, no_trace, **flags)
+        # latro: log p(y*|x,z) − β (log q(z|x) − log π₀(z|x)) over the trace tokens
+        assert old is not None
+        trace_mask = batch["trace_mask"].float()
+        trace_logp = masked_sum(old[0], trace_mask, dim=-1)
+        reference, _ = self._passes_without_grad(self.ref_model, batch, posterior=False)
+        reference_logp = masked_sum(reference, trace_mask, dim=-1)
+        self.record("latro/trace_log_ratio", (trace_logp - reference_logp).mean())
+        return latro_reward(answer_logp, answer_mask, trace_logp, reference_logp, cfg.latro_beta, **flags)
+
+    def _answer_weights(
+        self,
+        total: torch.Tensor,
+        answer_logp: torch.Tensor,
+        answer_mask: torch.Tensor,
+        truncated: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-sample weights of the decoder term −w_i log p(y*|x, z_i) (0 for truncated samples)."""
+        cfg = self.config
+        if cfg.reward == "verifree":  # ∇E[p(y*|x,z)] = E[p ∇log p]: weight R
+            weights = torch.nan_to_num(total, nan=0.0)
+        elif cfg.reward == "jepo":  # ∇ log (1/G) Σ_i p_i = Σ_i ρ̃_i ∇ log p_i, ρ̃ the group softmax
+            log_likelihood = masked_sum(answer_logp, answer_mask, dim=-1)
+            log_likelihood = torch.where(
+                truncated, torch.full_like(log_likelihood, -math.inf), log_likelihood
+            )
+            grouped = log_likelihood.view(-1, cfg.num_generations)
+            weights = (normalized_weights(grouped) * cfg.num_generations).reshape(-1)
+        else:  # the ELBO's decoder gradient E[∇ log p(y*|x,z)]
+            weights = torch.ones_like(total)
+        return torch.where(truncated, torch.zeros_like(weights), weights)
+
+    def _answer_tensors(self, scored: list) -> dict[str, torch.Tensor]:
+        """Right-padded prompt + trace + y* sequences with a mask of the answer tokens (decoder term)."""
+        pad = self.processing_class.pad_token_id or 0
+        width = max(len(s.ids) for s in scored)
+        ids = torch.full((len(scored), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(scored), width), dtype=torch.long)
+        targets = torch.zeros((len(scored), width), dtype=torch.long)
+        for i, s in enumerate(scored):
+            ids[i, : len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
+            attention[i, : len(s.ids)] = 1
+            targets[i, s.answer_start : len(s.ids)] = 1
+        return {"answer_ids": ids, "answer_attention": attention, "answer_targets": targets}
+
+    def _record_generation(
+        self,
+        batch: dict[str, torch.Tensor],
+        table: torch.Tensor,
+        answer_logp: torch.Tensor,
+        answer_mask: torch.Tensor,
+        trace_lengths: torch.Tensor,
+    ) -> None:
+        """Generation metrics, overall and split by the source that sampled each trajectory."""
+        total, truncated = batch["training_rewards"], batch["truncated"]
+        log_likelihood = masked_sum(answer_logp, answer_mask, dim=-1)
+        lengths = batch["completion_mask"].sum(dim=1).float()
+        names = [getattr(f, "__name__", f"reward_{j}") for j, f in enumerate(self.reward_funcs)]
+        self.record("hybrid/prior_fraction", batch["from_prior"].float().mean())
+        self.record("trace_length", trace_lengths[~truncated].float().mean() if (~truncated).any() else 0.0)
+        if (~truncated).any():
+            self.record("answer_logprob", log_likelihood[~truncated].mean())
+        self.record("well_formed", batch["well_formed"].float().mean())
+        for source, rows in (("prior", batch["from_prior"]), ("posterior", ~batch["from_prior"])):
+            if not rows.any():
+                continue
+            valid = rows & ~torch.isnan(total)
+            if valid.any():
+                self.record(f"{source}/reward", total[valid].mean())
+            if (rows & ~truncated).any():
+                self.record(f"{source}/answer_logprob", log_likelihood[rows & ~truncated].mean())
+            self.record(f"{source}/length", lengths[rows].mean())
+            self.record(f"{source}/truncated", truncated[rows].float().mean())
+            self.record(f"{source}/well_formed", batch["well_formed"][rows].float().mean())
+            for j, name in enumerate(names):
+                values = table[rows, j]
+                values = values[~torch.isnan(values)]
+                if len(values):
+                    self.record(f"{source}/rewards/{name}", values.mean())
+
+    # ------------------------------------------------------------------ passes and loss
+    def template_passes(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        posterior: bool = True,
+        answer: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """One forward over [prior rows; posterior rows; answer rows], per-token log-probs of each.
+
+        Returns `prior` `[B, T]` (log p_φ of the completion tokens under the prior prompt),
+        `posterior` `[B, T]` (the same tokens under the posterior prompt, when `posterior`), both at
+        the sampling temperature, and with `answer` the reference answer's token log-probs
+        `answer` `[B, L′]` with its mask `answer_mask` (temperature 1, aligned with the answer rows'
+        ids shifted by one). Rows are left-padded
+        (templates) or right-padded (answers) to one width; positions use the model's defaults,
+        which rotary models make shift-invariant.
+        """
+        device = next(model.parameters()).device
+        completion = batch["completion_ids"].to(device)
+        completion_mask = batch["completion_mask"].to(device)
+        size, steps = completion.shape
+        ids = [torch.cat([batch["prompt_ids"].to(device), completion], dim=1)]
+        masks = [torch.cat([batch["prompt_mask"].to(device), completion_mask], dim=1)]
+        if posterior:
+            ids.append(torch.cat([batch["posterior_prompt_ids"].to(device), completion], dim=1))
+            masks.append(torch.cat([batch["posterior_prompt_mask"].to(device), completion_mask], dim=1))
+        template_width = ids[0].shape[1]
+        width = template_width
+        if answer:
+            width = max(width, batch["answer_ids"].shape[1])
+        pad = self.processing_class.pad_token_id or 0
+        rows_ids, rows_mask = [], []
+        for x, m in zip(ids, masks):
+            left = width - template_width
+            rows_ids.append(torch.nn.functional.pad(x, (left, 0), value=pad))
+            rows_mask.append(torch.nn.functional.pad(m, (left, 0), value=0))
+        if answer:
+            right = width - batch["answer_ids"].shape[1]
+            rows_ids.append(torch.nn.functional.pad(batch["answer_ids"].to(device), (0, right), value=pad))
+            rows_mask.append(
+                torch.nn.functional.pad(batch["answer_attention"].to(device), (0, right), value=0)
+            )
+        input_ids, attention = torch.cat(rows_ids), torch.cat(rows_mask)
+        out = model(
+            input_ids=input_ids, attention_mask=attention, logits_to_keep=1, output_hidden_states=True
+        )
+        hidden = out.hidden_states[-1]
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        temperature = self.sampling.temperature if self.sampling.temperature > 0 else 1.0
+        templates = len(ids)
+        # position t's hidden state predicts token t + 1
+        logp, _ = token_logprobs_from_hidden(
+            hidden[: templates * size, width - steps - 1 : width - 1],
+            head.weight,
+            completion.repeat(templates, 1),
+            bias=bias,
+            temperature=temperature,
+            chunk_size=self.config.logprob_chunk_size,
+        )
+        result = {"prior": logp[:size]}
+        if posterior:
+            result["posterior"] = logp[size:]
+        if answer:
+            answer_ids = input_ids[templates * size :]
+            result["answer"], _ = token_logprobs_from_hidden(
+                hidden[templates * size :, :-1],
+                head.weight,
+                answer_ids[:, 1:],
+                bias=bias,
+                chunk_size=self.config.logprob_chunk_size,
+            )
+            targets = batch["answer_targets"].to(device)
+            result["answer_mask"] = torch.nn.functional.pad(targets, (0, width - targets.shape[1]))[:, 1:]
+        return result
+
+    @torch.no_grad()
+    def _passes_without_grad(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], posterior: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prior (and posterior) per-token log-probs of the whole generation, micro-batch by micro-batch."""
+        prior, post = [], []
+        step = self.args.per_device_train_batch_size
+        for start in range(0, batch["completion_ids"].shape[0], step):
+            part = {
+                k: v[start : start + step] for k, v in batch.items() if torch.is_tensor(v) and v.dim() > 0
+            }
+            passes = self.template_passes(model, part, posterior=posterior)
+            prior.append(passes["prior"].cpu())
+            if posterior:
+                post.append(passes["posterior"].cpu())
+        return torch.cat(prior), (torch.cat(post) if posterior else None)
+
+    def loss_terms(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-token surrogate and KL `[B, T]` (with their masks), the scalar NLL and decoder terms, and
+        the composite, prior, posterior and behaviour log-probs they were computed from."""
+        cfg = self.config
+        weight = cfg.composite_weight
+        with_answer = cfg.answer_nll_coef > 0
+        passes = self.template_passes(model, batch, posterior=self.needs_posterior_pass(), answer=with_answer)
+        prior = passes["prior"]
+        posterior = passes.get("posterior", prior)
+        device = prior.device
+        old_prior = batch.get("old_prior_logprobs")
+        old_prior = prior.detach() if old_prior is None else old_prior.to(device)
+        old_posterior = batch.get("old_posterior_logprobs")
+        old_posterior = posterior.detach() if old_posterior is None else old_posterior.to(device)
+        from_prior = batch["from_prior"].to(device)
+        advantages = batch["advantages"].to(device)
+        policy_mask = batch["policy_mask"].to(device).float()
+        composite = composite_logprobs(prior, posterior, weight)
+        behaviour = behaviour_logprobs(old_prior, old_posterior, from_prior)
+        eps = dict(eps_low=cfg.epsilon, eps_high=cfg.epsilon_high, mask=policy_mask)
+        if cfg.ratio_to == "behaviour" or weight == 0.5:
+            surrogate, stats = composite_clipped_surrogate(
+                composite, old_prior, old_posterior, from_prior, advantages, ratio_to=cfg.ratio_to, **eps
+            )
+            denominator = (
+                behaviour if cfg.ratio_to == "behaviour" else composite_logprobs(old_prior, old_posterior)
+            )
+        else:  # the plain PPO ratio of p′ with w ≠ ½
+            denominator = composite_logprobs(old_prior, old_posterior, weight)
+            surrogate, stats = clipped_surrogate(composite, denominator.detach(), advantages, **eps)
+        kl_mask = policy_mask * (~batch["truncated"].to(device)).unsqueeze(1).float()
+        if weight < 1.0 and cfg.kl_coef > 0:
+            kl = composite_kl(composite, prior, behaviour, mask=kl_mask, weighting=cfg.kl_weighting)
+        else:  # p′ = p_φ: the KL is identically 0
+            kl = torch.zeros_like(composite)
+        completion_mask = batch["completion_mask"].to(device).float()
+        selected = nll_selection(from_prior, batch["well_formed"].to(device), advantages)
+        nll = (
+            selective_nll(prior, completion_mask, selected, coef=1.0)
+            if cfg.nll_coef > 0
+            else prior.new_zeros(())
+        )
+        decoder = prior.new_zeros(())
+        if with_answer:
+            weights = batch["answer_weights"].to(device)
+            decoder = verifree_answer_nll(passes["answer"], passes["answer_mask"], weights)
+        return {
+            "surrogate": surrogate,
+            "kl": kl,
+            "policy_mask": policy_mask,
+            "kl_mask": kl_mask,
+            "nll": nll,
+            "nll_selected": selected,
+            "answer_nll": decoder,
+            "composite": composite,
+            "prior": prior,
+            "posterior": posterior,
+            "behaviour": behaviour,
+            "ratio": torch.exp(composite.detach() - denominator.detach()),
+            "clip_stats": stats,
+        }
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg = self.config
+        terms = self.loss_terms(model, batch)
+        mask = terms["policy_mask"]
+        per_token = terms["surrogate"] + cfg.kl_coef * terms["kl"]
+        if cfg.loss_type == "sum":
+            policy = (per_token * mask).sum() / per_token.shape[0]
+        else:
+            policy = aggregate_loss(
+                per_token, mask, cfg.loss_type, max_completion_length=self.sampling.max_tokens
+            )
+        total = policy + cfg.nll_coef * terms["nll"] + cfg.answer_nll_coef * terms["answer_nll"]
+        self._record_loss(batch, terms)
+        accumulation = getattr(
+            self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+        )
+        return total / (accumulation if model.training else 1)
+
+    @torch.no_grad()
+    def _record_loss(self, batch: dict[str, torch.Tensor], terms: dict[str, Any]) -> None:
+        mask, kl_mask = terms["policy_mask"], terms["kl_mask"]
+        self.record("loss/surrogate", masked_mean(terms["surrogate"].detach(), mask))
+        self.record("kl", masked_mean(terms["kl"].detach(), kl_mask))
+        self.record("loss/nll", terms["nll"].detach())
+        self.record("loss/answer_nll", terms["answer_nll"].detach())
+        self.record("nll/selected_fraction", terms["nll_selected"].float().mean())
+        for name, value in terms["clip_stats"].items():
+            self.record(f"clip_ratio/{name}", value)
+        if "engine_logprobs" in batch:
+            completion_mask = batch["completion_mask"].to(mask.device).float()
+            engine = batch["engine_logprobs"].to(mask.device)
+            self.record(
+                "sampling/logp_difference_mean",
+                masked_mean((terms["behaviour"] - engine).abs(), completion_mask),
+            )
+        from_prior = batch["from_prior"].to(mask.device)
+        for source, rows in (("prior", from_prior), ("posterior", ~from_prior)):
+            if not rows.any():
+                continue
+            row_mask = rows.unsqueeze(1).float()
+            if (kl_mask * row_mask).sum() > 0:
+                self.record(f"{source}/kl", masked_mean(terms["kl"].detach(), kl_mask * row_mask))
+            if (mask * row_mask).sum() > 0:
+                self.record(f"{source}/ratio", masked_mean(terms["ratio"], mask * row_mask))
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainer_extra_state(self) -> dict[str, Any]:
+        return {"rlpr_threshold": self.rlpr_threshold}
+
+    def load_trainer_extra_state(self, state: dict[str, Any]) -> None:
+        self.rlpr_threshold = float(state.get("rlpr_threshold", 0.0))
