@@ -178,6 +178,19 @@ BENCHMARKS: dict[str, Benchmark] = {
         grader=_synthetic_grade,
         max_tokens=64,
     ),
+    # the small-number countdown the demo recipes train on (numbers 1-9, targets up to 30)
+    "countdown_easy": Benchmark(
+        "countdown_easy",
+        None,
+        _field("question"),
+        _field("answer"),
+        _field("solution"),
+        loader=_synthetic_loader(
+            "countdown?n_numbers=3&max_number=9&max_target=30&n=200&seed=12345&split=test"
+        ),
+        grader=_synthetic_grade,
+        max_tokens=64,
+    ),
 }
 
 

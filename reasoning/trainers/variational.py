@@ -377,6 +377,7 @@ class VariationalReasoningPipeline:
         questions = self.sampled_questions()
         scored = load_from_disk(str(self.stage_dir("scores") / "data"))
         correct = [0] * len(scored)
+        answers: list[str | None] = [None] * len(scored)
         if self.config.answer_samples > 0:
             marker = encode(self.tokenizer, self.template.answer_prefix)
             prompts = [
@@ -401,10 +402,14 @@ class VariationalReasoningPipeline:
                 engine.close()
             for i, (sample, group) in enumerate(zip(scored, groups)):
                 record = questions[sample["question_index"]]
-                correct[i] = sum(
-                    is_correct(sample["trace"] + self.template.answer_prefix + r.text, record) for r in group
-                )
-        with_acc = scored.add_column("answers_correct", correct)
+                texts = [sample["trace"] + self.template.answer_prefix + r.text for r in group]
+                graded = [is_correct(text, record) for text in texts]
+                correct[i] = sum(graded)
+                if any(graded):
+                    answers[i] = self.template.split_completion(texts[graded.index(True)])[1]
+        # The final SFT pairs each trace with a correct answer sampled after it (as the released code
+        # does): with many valid answers (countdown) the reference answer may not be the trace's.
+        with_acc = scored.add_column("answers_correct", correct).add_column("sampled_answer", answers)
         with_acc.save_to_disk(self.stage_dir("accuracy") / "data")
         n = max(self.config.answer_samples, 1)
         return {"mean_accuracy": sum(correct) / (n * max(len(correct), 1))}
@@ -430,11 +435,11 @@ class VariationalReasoningPipeline:
             ess.append(float(1.0 / (weights**2).sum()))
             if self.config.final_data == "argmax":
                 best = int(weights.argmax())
-                final_rows.append({**record, "solution": rows[best]["trace"], "weight": 1.0})
+                final_rows.append({**record, **trace_and_answer(rows[best]), "weight": 1.0})
             else:
                 for r, w in zip(rows, weights.tolist()):
                     if w > 0:
-                        final_rows.append({**record, "solution": r["trace"], "weight": w * len(rows)})
+                        final_rows.append({**record, **trace_and_answer(r), "weight": w * len(rows)})
         final = Dataset.from_list(final_rows)
         if self.config.final_data == "argmax":
             original = self.records.add_column("weight", [1.0] * len(self.records))
@@ -666,6 +671,12 @@ class VariationalReasoningPipeline:
             json.dumps({"config": dataclasses.asdict(self.config), "stages": info}, indent=2, default=str)
         )
         return info
+
+
+def trace_and_answer(row: dict[str, Any]) -> dict[str, str]:
+    """SFT target of a weighted trace: the trace, and a correct answer sampled after it when Acc found one."""
+    answer = row.get("sampled_answer")
+    return {"solution": row["trace"], **({"answer": answer} if answer else {})}
 
 
 def iwae_curve(log_w_rows: list[torch.Tensor], k: int) -> dict[str, float]:

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reasoning.data.datasets import load_records
 from reasoning.data.templates import PlainTemplate, encode, find_last
+from reasoning.rewards.verifier import is_correct
 from reasoning.trainers.variational import VariationalConfig, VariationalReasoningPipeline
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -92,6 +93,13 @@ def test_pipeline_stages_are_consistent_and_resume(tmp_path, trained_tiny_dir, v
             assert find_last(ids, marker) == len(sample["trace_ids"])
             assert 0 <= sample["answers_correct"] <= 4
     assert sum(s["valid"] for s in samples) > 0
+    # each trace keeps a correct answer sampled after it (the final SFT target), when there is one
+    for sample in samples:
+        record = records[sample["question_index"]]
+        if sample["answers_correct"]:
+            assert is_correct(sample["trace"] + template.answer_prefix + sample["sampled_answer"], record)
+        else:
+            assert sample["sampled_answer"] is None
 
     # scores equal an independent full-logits recomputation under the prior and the posterior
     prior = AutoModelForCausalLM.from_pretrained(trained_tiny_dir, dtype=torch.float32)
