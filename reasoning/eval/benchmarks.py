@@ -81,11 +81,16 @@ class Benchmark:
         return grade(response, record["answer"])
 
 
-def _synthetic_loader(spec: str) -> Callable[[int | None], list[Record]]:
+def _synthetic_loader(spec: str, distinct: int | None = None) -> Callable[[int | None], list[Record]]:
+    """Records of a synthetic spec; with `distinct`, the first that many distinct questions of it."""
+
     def load(limit: int | None) -> list[Record]:
         from reasoning.data.synthetic import records_from_spec
 
         records = records_from_spec(spec)
+        if distinct is not None:
+            firsts = {r["question"]: r for r in reversed(records)}  # the first occurrence wins
+            records = [r for r in records if firsts[r["question"]] is r][:distinct]
         return records[:limit] if limit is not None else records
 
     return load
@@ -185,8 +190,9 @@ BENCHMARKS: dict[str, Benchmark] = {
         _field("question"),
         _field("answer"),
         _field("solution"),
+        # a small problem space: draw 400 and keep the first 200 distinct questions
         loader=_synthetic_loader(
-            "countdown?n_numbers=3&max_number=9&max_target=30&n=200&seed=12345&split=test"
+            "countdown?n_numbers=3&max_number=9&max_target=30&n=400&seed=12345&split=test", distinct=200
         ),
         grader=_synthetic_grade,
         max_tokens=64,
