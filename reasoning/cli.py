@@ -67,48 +67,31 @@ def eval_command(
         local = Path(model)
         output_dir = local / "eval" if local.is_dir() else Path("runs/eval") / model.replace("/", "--")
     names = [b.strip() for b in benchmarks.split(",") if b.strip()]
-    if scaling is not None:
-        from reasoning.eval.scaling import default_ns, scaling_eval
-
-        if temperature == 0:
-            console.print("--scaling samples rationales: using temperature 1.0 (--temperature 0 is greedy)")
-        try:
-            scaling_eval(
-                model,
-                names,
-                ns=default_ns(n),
-                methods=[m.strip() for m in scaling.split(",") if m.strip()],
-                temperature=temperature or 1.0,
-                top_p=top_p,
-                max_tokens=max_tokens,
-                limit=limit,
-                engine=engine,
-                dtype=dtype,
-                seed=seed,
-                batch_size=batch_size,
-                output_dir=output_dir,
-                console=console,
-            )
-        except ValueError as err:
-            _fail(str(err))
-        console.print(f"results: {output_dir / 'results.json'}; samples: {output_dir / 'samples.jsonl'}")
-        return
+    common = dict(
+        top_p=top_p,
+        max_tokens=max_tokens,
+        limit=limit,
+        engine=engine,
+        dtype=dtype,
+        seed=seed,
+        batch_size=batch_size,
+        output_dir=output_dir,
+        console=console,
+    )
     try:
-        evaluate(
-            model,
-            names,
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_tokens,
-            limit=limit,
-            engine=engine,
-            dtype=dtype,
-            seed=seed,
-            batch_size=batch_size,
-            output_dir=output_dir,
-            console=console,
-        )
+        if scaling is not None:
+            from reasoning.eval.scaling import default_ns, scaling_eval
+
+            if temperature == 0:
+                console.print(
+                    "--scaling samples rationales: using temperature 1.0 (--temperature 0 is greedy)"
+                )
+            methods = [m.strip() for m in scaling.split(",") if m.strip()]
+            scaling_eval(
+                model, names, ns=default_ns(n), methods=methods, temperature=temperature or 1.0, **common
+            )
+        else:
+            evaluate(model, names, n=n, temperature=temperature, **common)
     except ValueError as err:
         _fail(str(err))
     console.print(f"results: {output_dir / 'results.json'}; samples: {output_dir / 'samples.jsonl'}")

@@ -111,6 +111,11 @@ class GroupBatchSampler(Sampler[list[int]]):
                 yield mine
 
 
+def is_peft_model(model: torch.nn.Module) -> bool:
+    """A PEFT model: its base is the policy with the adapters disabled."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
 def call_reward_functions(
     functions: list[RewardFunction],
     prompts: list[str],

@@ -61,6 +61,7 @@ from reasoning.trainers.base import (
     RolloutTrainer,
     RolloutTrainerConfig,
     call_reward_functions,
+    is_peft_model,
 )
 
 DIVERGENCES = ("fkl", "rkl", "js", "tv")
@@ -226,10 +227,6 @@ def check_sampling_warpers(sampling: Any, config: BayesConfig) -> None:
         )
 
 
-def _is_peft(model: torch.nn.Module) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     frozen = copy.deepcopy(model).eval()
     frozen.requires_grad_(False)
@@ -304,7 +301,7 @@ class BayesTrainer(RolloutTrainer):
         cfg = self.config
         policy = self.accelerator.unwrap_model(self.model)
         self.base_model = base_model
-        if base_model is None and not _is_peft(policy):
+        if base_model is None and not is_peft_model(policy):
             self.base_model = _frozen_copy(policy)
         if self.base_model is not None:
             self.base_model.eval().requires_grad_(False)

@@ -31,7 +31,7 @@ from reasoning.objectives.policy import (
     weighted_nll,
 )
 from reasoning.rollout import Rollout
-from reasoning.trainers.base import RolloutTrainer, RolloutTrainerConfig
+from reasoning.trainers.base import RolloutTrainer, RolloutTrainerConfig, is_peft_model
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "rft")
 SCALES = ("group", "batch", "none", "accuracy")
@@ -87,7 +87,7 @@ class GRPOTrainer(RolloutTrainer):
     def __init__(self, *args: Any, ref_model: torch.nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.ref_model = ref_model
-        if self.config.beta > 0 and ref_model is None and not _is_peft(self.model):
+        if self.config.beta > 0 and ref_model is None and not is_peft_model(self.model):
             self.ref_model = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval()
             self.ref_model.requires_grad_(False)
 
@@ -171,7 +171,3 @@ class GRPOTrainer(RolloutTrainer):
             per_token, mask, loss_type=cfg.loss_type, max_completion_length=self.sampling.max_tokens
         )
         return loss / accumulation
-
-
-def _is_peft(model: torch.nn.Module) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
