@@ -1,4 +1,4 @@
-"""The `reasoning` command: train, eval, demo."""
+"""The `reasoning` command: train, eval, demo, report."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 app = typer.Typer(
     help="Train the reasoning of language models with variational and Bayesian objectives.",
@@ -18,9 +19,10 @@ console = Console(stderr=True)
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
+def _fail(message: str, code: int = 2) -> None:
+    """One paragraph on stderr (the message is not read as rich markup, nor wrapped), then exit `code`."""
+    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+    raise typer.Exit(code)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -32,12 +34,15 @@ def train(
 ) -> None:
     """Run a recipe: train, save the final checkpoint, evaluate."""
     from reasoning.recipes import RecipeError, load_recipe, run
+    from reasoning.trainers.base import NonFiniteLossError, RewardFunctionError
 
     try:
         parsed = load_recipe(recipe, ctx.args)
         run(parsed, console=console)
-    except RecipeError as err:
+    except RecipeError as err:  # rejected before training: exit 2
         _fail(str(err))
+    except (RewardFunctionError, NonFiniteLossError) as err:  # stopped during training (checkpoints kept)
+        _fail(f"training stopped: {err}", code=1)
 
 
 @app.command("eval")
@@ -150,6 +155,32 @@ def demo(
     total = time.monotonic() - start
     console.print(f"total {total:.0f} s; run directory {run_dir}")
     (run_dir / "summary.json").write_text(json.dumps({"stages": record, "seconds": total}, indent=2))
+    from reasoning.report import write_report
+
+    page = write_report([run_dir / name for name, _, _ in stages], run_dir / "report.html")
+    console.print(f"report (curves, evaluation, completions): {page}")
+
+
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(
+        ..., help="Run directories (training.output_dir); several are overlaid."
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Default: RUN_DIR/report.html for one run, ./report.html for several."
+    ),
+    max_completions: int = typer.Option(1000, help="Completions shown per completions/samples file."),
+) -> None:
+    """Write one self-contained HTML page of a run: curves, timing, evaluation tables, completions."""
+    from reasoning.report import ReportError, write_report
+
+    if output is None:
+        output = run_dirs[0] / "report.html" if len(run_dirs) == 1 else Path("report.html")
+    try:
+        path = write_report(run_dirs, output, max_completions=max_completions)
+    except ReportError as err:
+        _fail(str(err))
+    console.print(f"report: {path}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,13 @@ class ModelConfig:
     )
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
     seed: int = field(default=0, metadata={"help": "Initialisation seed of a tiny model."})
+    lora: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Train a LoRA adapter instead of the whole model: peft.LoraConfig fields, e.g. "
+            "{r: 16, lora_alpha: 32, target_modules: all-linear} ({} for the defaults r 8, alpha 16, all-linear)."
+        },
+    )
 
 
 @dataclass
@@ -110,11 +120,13 @@ def trainer_configs() -> dict[str, type]:
     from reasoning.trainers.latent_thought import DualRateConfig
     from reasoning.trainers.sft import SFTConfig
     from reasoning.trainers.variational import VariationalConfig
+    from reasoning.trainers.variational_online import OnlineVariationalConfig
 
     return {
         "sft": SFTConfig,
         "grpo": GRPOConfig,
         "variational": VariationalConfig,
+        "variational_online": OnlineVariationalConfig,
         "gflownet": GFlowNetConfig,
         "latent_thought": DualRateConfig,
         "covrl": CoVRLConfig,
@@ -161,10 +173,63 @@ def _build_section(section: str, cls: type, values: Any) -> Any:
     for key in values:
         if key not in valid:
             raise RecipeError(f"unknown key {key!r} in section {section!r}{_closest(key, valid)}")
+    _check_types(section, cls, values)
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"section {section!r}: {err}") from err
+
+
+def _expected(value: Any, annotation: Any) -> str | None:
+    """None when `value` fits the type `annotation`, else what was expected (e.g. "an integer").
+
+    Knows the types recipes use (bool, int, float, str, None, Literal, unions, list, dict, tuple);
+    any other type (enums, classes) is left to the config's own validation.
+    """
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        wants = [_expected(value, option) for option in args]
+        return None if None in wants else " or ".join(dict.fromkeys(wants))
+    if annotation is type(None):
+        return None if value is None else "null"
+    if origin is typing.Literal:
+        return None if value in args else "one of " + ", ".join(repr(a) for a in args)
+    simple = {
+        bool: ("true or false", lambda v: isinstance(v, bool)),
+        int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+        float: ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+        str: ("a string", lambda v: isinstance(v, str)),
+    }
+    if annotation in simple:
+        text, fits = simple[annotation]
+        return None if fits(value) else text
+    if annotation is list or origin is list or annotation is tuple or origin is tuple:
+        if not isinstance(value, list | tuple):
+            return "a list"
+        if args and origin is list:
+            inner = [_expected(item, args[0]) for item in value]
+            wrong = next((w for w in inner if w is not None), None)
+            return None if wrong is None else f"a list of items each {wrong}"
+        return None
+    if annotation is dict or origin is dict:
+        return None if isinstance(value, dict) else "a mapping"
+    return None
+
+
+def _check_types(section: str, cls: type, values: dict[str, Any]) -> None:
+    """Each value has its field's declared type; otherwise a RecipeError naming key, value and type."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # a config whose annotations cannot be resolved is checked by its own code only
+        return
+    for key, value in values.items():
+        expected = _expected(value, hints.get(key, Any))
+        if expected is not None:
+            raise RecipeError(
+                f"{section}.{key} must be {expected}, got {value!r:.80} ({type(value).__name__})"
+            )
 
 
 def _training_fields() -> list[str]:
@@ -235,10 +300,17 @@ def parse_recipe(raw: dict[str, Any], source: Path | None = None) -> Recipe:
     built = {name: _build_section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
     method = _build_section(trainer, configs[trainer], raw.get(trainer))
     training = raw.get("training") or {}
+    if not isinstance(training, dict):
+        raise RecipeError(
+            f"section 'training' must be a mapping of keys to values, got {type(training).__name__}"
+        )
     valid_training = _training_fields()
     for key in training:
         if key not in valid_training:
             raise RecipeError(f"unknown key {key!r} in section 'training'{_closest(key, valid_training)}")
+    _check_types("training", TrainingArguments, training)
+    if built["model"].lora is not None:
+        _check_lora(built["model"])
     if built["model"].latent_thought is not None:
         _check_latent_thought_model(built["model"])
     elif built["model"].path is None and built["model"].tiny is None:
@@ -247,6 +319,19 @@ def parse_recipe(raw: dict[str, Any], source: Path | None = None) -> Recipe:
             "or 'latent_thought' (e.g. latent_thought: {hidden_size: 64})"
         )
     return Recipe(trainer=trainer, method=method, training=dict(training), source=source, **built)
+
+
+def _check_lora(config: ModelConfig) -> None:
+    from reasoning.models.lora import lora_config
+
+    if not isinstance(config.lora, dict):
+        raise RecipeError(
+            "model.lora must be a mapping of peft.LoraConfig fields, e.g. {r: 16, lora_alpha: 32}"
+        )
+    try:
+        lora_config(config.lora)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"section 'model.lora': {err}") from err
 
 
 def _check_latent_thought_model(config: ModelConfig) -> None:
@@ -267,17 +352,53 @@ def _check_latent_thought_model(config: ModelConfig) -> None:
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply dotted overrides, validate."""
     path = Path(path)
-    if not path.exists():
-        raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise RecipeError(
+            f"recipe file {str(path)!r} does not exist" + (" (it is a directory)" if path.is_dir() else "")
+        )
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {err}") from err
+    if raw is not None and not isinstance(raw, dict):
+        raise RecipeError(
+            f"recipe {str(path)!r} must be a YAML mapping with a 'trainer:' key, got a {type(raw).__name__}"
+        )
     return parse_recipe(apply_overrides(_coerce(raw or {}), overrides or []), source=path)
 
 
 # ---------------------------------------------------------------------------------------------
 # Building and running
+
+
+def _build_once(folder: Path, build: typing.Callable[[Path], Any]) -> None:
+    """`build(path)` a checkpoint at `folder` unless one is there, safely when several ranks run the
+    recipe. With a process group (transformers then writes weights on global rank 0 only) rank 0
+    builds while the others wait; without one, ranks may race: each builds into its own folder and
+    renames it into place, the first rename wins (same seed, same model) and the others are removed."""
+    import os
+    import shutil
+
+    import torch
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not (folder / "config.json").exists() and (not distributed or torch.distributed.get_rank() == 0):
+        own = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+        # Built whole: under a ZeRO-3 config transformers would partition the new model at construction
+        # and save only shards. The config is restored for the real load.
+        zero3 = hf_deepspeed._hf_deepspeed_config_weak_ref
+        hf_deepspeed.unset_hf_deepspeed_config()
+        try:
+            build(own)
+        finally:
+            hf_deepspeed._hf_deepspeed_config_weak_ref = zero3
+        try:
+            os.rename(own, folder)  # atomic; fails when another rank's folder is already in place
+        except OSError:
+            shutil.rmtree(own, ignore_errors=True)
+    if distributed:
+        torch.distributed.barrier()
 
 
 def load_model_and_tokenizer(config: ModelConfig, run_dir: Path):
@@ -291,18 +412,21 @@ def load_model_and_tokenizer(config: ModelConfig, run_dir: Path):
         from reasoning.models.tiny import build_tiny_model
 
         init = run_dir / "init"
-        if not (init / "config.json").exists():
-            build_tiny_model(config.tiny, init, seed=config.seed)
+        _build_once(init, lambda folder: build_tiny_model(config.tiny, folder, seed=config.seed))
         path = str(init)
     elif config.latent_thought is not None:
         from reasoning.models.latent_thought import build_latent_thought_checkpoint
 
         init = run_dir / "init"
-        if not (init / "config.json").exists():
-            try:
-                build_latent_thought_checkpoint(init, seed=config.seed, **config.latent_thought)
-            except ValueError as err:
-                raise RecipeError(f"section 'model.latent_thought': {err}") from err
+        try:
+            _build_once(
+                init,
+                lambda folder: build_latent_thought_checkpoint(
+                    folder, seed=config.seed, **config.latent_thought
+                ),
+            )
+        except ValueError as err:
+            raise RecipeError(f"section 'model.latent_thought': {err}") from err
         path = str(init)
     else:
         path = config.path
@@ -311,10 +435,19 @@ def load_model_and_tokenizer(config: ModelConfig, run_dir: Path):
         raise RecipeError(
             f"model.dtype {config.dtype!r} is not a torch dtype; use float32, bfloat16 or float16"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:  # not found locally nor on the hub, or not a model checkpoint
+        raise RecipeError(
+            f"model.path {path!r} cannot be loaded as a local checkpoint or hub model: {err}"
+        ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if config.lora is not None:
+        from reasoning.models.lora import apply_lora
+
+        model = apply_lora(model, config.lora)  # engines load `path` (the base) and sync merged weights
     return model, tokenizer, path
 
 
@@ -340,9 +473,228 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
 
 
 def latest_checkpoint(run_dir: Path) -> str | None:
-    """The newest `checkpoint-N` directory under `run_dir`, to resume from after a crash."""
-    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(checkpoints[-1]) if checkpoints else None
+    """The newest complete `checkpoint-N` directory under `run_dir`, to resume from after a crash
+    (one whose save was interrupted has no completion marker and is skipped)."""
+    from reasoning.trainers.checkpoint import latest_complete_checkpoint
+
+    return latest_complete_checkpoint(run_dir)
+
+
+def rollout_trainer_classes() -> dict[str, type]:
+    """Trainer name -> its RolloutTrainer class (the trainers that sample their own rollouts)."""
+    from reasoning.trainers.bayes import BayesTrainer
+    from reasoning.trainers.covrl import CoVRLTrainer
+    from reasoning.trainers.gflownet import GFlowNetTrainer
+    from reasoning.trainers.grpo import GRPOTrainer
+    from reasoning.trainers.variational_online import OnlineVariationalTrainer
+
+    return {
+        "grpo": GRPOTrainer,
+        "gflownet": GFlowNetTrainer,
+        "covrl": CoVRLTrainer,
+        "bayes": BayesTrainer,
+        "variational_online": OnlineVariationalTrainer,
+    }
+
+
+# A hub model id: `name` or `owner/name`; anything else (two slashes, ./, /, ~) is a local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_recipe(recipe: Recipe) -> TrainingArguments:
+    """Check what can be checked before a model is built or anything is written; the TrainingArguments.
+
+    Model source (tiny size, local path exists, dtype), engines, benchmark and reward names, reward
+    weights, sampling settings, and the batch arithmetic of rollout trainers: one generation makes
+    per_device_train_batch_size × steps_per_generation completions, which must be a multiple of
+    num_generations (the group size), with steps_per_generation a multiple of
+    gradient_accumulation_steps. Each failure is a RecipeError naming the keys to change.
+    """
+    import torch
+
+    from reasoning.eval.benchmarks import BENCHMARKS
+    from reasoning.models.tiny import TINY_SIZES
+    from reasoning.rollout import ENGINE_KINDS
+    from reasoning.trainers.base import RolloutTrainerConfig
+
+    model = recipe.model
+    if model.tiny is not None and model.tiny not in TINY_SIZES:
+        raise RecipeError(
+            f"model.tiny {model.tiny!r} is not a tiny model size; choose one of {', '.join(TINY_SIZES)}"
+        )
+    if model.path is not None and not Path(model.path).expanduser().exists():
+        if not _HUB_ID.match(model.path):
+            raise RecipeError(
+                f"model.path {model.path!r} does not exist (and is not a hub model id such as "
+                "Qwen/Qwen2.5-0.5B); train the checkpoint first or correct the path"
+            )
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if constants.HF_HUB_OFFLINE and not isinstance(
+            try_to_load_from_cache(model.path, "config.json"), str
+        ):
+            raise RecipeError(
+                f"model.path {model.path!r} is not a local directory, and no hub model of that name is in the "
+                "local cache while HF_HUB_OFFLINE is set; download it first or correct the path"
+            )
+    if not isinstance(getattr(torch, model.dtype, None), torch.dtype):
+        raise RecipeError(
+            f"model.dtype {model.dtype!r} is not a torch dtype; use float32, bfloat16 or float16"
+        )
+    for section, engine in (("rollout", recipe.rollout.engine), ("eval", recipe.eval.engine)):
+        if engine not in ENGINE_KINDS:
+            raise RecipeError(
+                f"{section}.engine {engine!r} is not a rollout engine{_closest(engine, list(ENGINE_KINDS))}"
+            )
+    unknown = [name for name in recipe.eval.benchmarks if name not in BENCHMARKS]
+    if unknown:
+        raise RecipeError(
+            f"unknown benchmark(s) {unknown} in eval.benchmarks{_closest(unknown[0], list(BENCHMARKS))}"
+        )
+    if recipe.eval.n < 1:
+        raise RecipeError(f"eval.n must be at least 1, got {recipe.eval.n}")
+    if recipe.data.limit is not None and recipe.data.limit < 1:
+        raise RecipeError(f"data.limit must be at least 1 (or null for all records), got {recipe.data.limit}")
+    functions = reward_functions(recipe.reward)
+    weights = recipe.reward.weights
+    if weights is not None and len(weights) != len(functions):
+        raise RecipeError(
+            f"reward.weights has {len(weights)} values for {len(functions)} reward.functions "
+            f"{recipe.reward.functions}; give one weight per function"
+        )
+    args = training_arguments(recipe)
+    if args.learning_rate < 0:
+        raise RecipeError(f"training.learning_rate must not be negative, got {args.learning_rate}")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, key) < 1:
+            raise RecipeError(f"training.{key} must be at least 1, got {getattr(args, key)}")
+    config, name = recipe.method, recipe.trainer
+    if isinstance(config, RolloutTrainerConfig):
+        _check_generation_sizes(name, config, args)
+        trainer_class = rollout_trainer_classes().get(name)
+        if trainer_class is not None:
+            if trainer_class.needs_rewards and not functions:
+                raise RecipeError(f"trainer {name!r} needs at least one reward function in reward.functions")
+            rollout = recipe.rollout
+            if (rollout.top_k or rollout.top_p < 1) and not trainer_class.scores_top_k_top_p:
+                raise RecipeError(
+                    f"trainer {name!r} scores completions with the temperature only, so rollout.top_k "
+                    f"({rollout.top_k}) and rollout.top_p ({rollout.top_p}) must be 0 and 1: the importance "
+                    "ratios would compare different distributions"
+                )
+        build_sampling(recipe, args.seed)
+    return args
+
+
+def _check_generation_sizes(name: str, config: Any, args: TrainingArguments) -> None:
+    batch, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    group, steps = config.num_generations, config.steps_per_generation
+    for key, value in (
+        (f"{name}.num_generations", group),
+        (f"{name}.num_iterations", config.num_iterations),
+        (f"{name}.steps_per_generation", steps if steps is not None else 1),
+    ):
+        if value < 1:
+            raise RecipeError(f"{key} must be at least 1, got {value}")
+    steps = steps or accumulation
+    if steps % accumulation:
+        raise RecipeError(
+            f"{name}.steps_per_generation ({steps}) must be a multiple of training.gradient_accumulation_steps "
+            f"({accumulation}); set it to {accumulation * max(1, round(steps / accumulation))} or leave it unset"
+        )
+    completions = batch * steps
+    if completions % group:
+        fitting_batch = next(b for b in range(batch, batch + group + 1) if (b * steps) % group == 0)
+        fitting_group = max(g for g in range(1, group + 1) if completions % g == 0)
+        raise RecipeError(
+            f"one generation makes training.per_device_train_batch_size × steps_per_generation = {batch} × "
+            f"{steps} = {completions} completions, which is not a multiple of {name}.num_generations = "
+            f"{group} (the group size); set training.per_device_train_batch_size to {fitting_batch}, or "
+            f"{name}.num_generations to {fitting_group}"
+        )
+
+
+def load_training_records(recipe: Recipe, args: TrainingArguments):
+    """The `data:` section's records, checked: loadable, non-empty, enough for one generation."""
+    from reasoning.data.datasets import DataError, load_records
+    from reasoning.trainers.base import RolloutTrainerConfig
+
+    data = recipe.data
+    if data.train is None:
+        raise RecipeError("section 'data' needs 'train' (dataset name, file or synthetic:TASK)")
+    try:
+        records = load_records(data.train, data.columns or None, data.split, data.limit)
+    except (DataError, FileNotFoundError) as err:
+        raise RecipeError(f"section 'data': {err}") from err
+    if "code" in recipe.reward.functions and "tests" not in records.column_names:
+        raise RecipeError(
+            f"reward function 'code' runs each completion against the test cases in the data column 'tests', "
+            f"which {data.train!r} does not have (columns: {', '.join(records.column_names)})"
+        )
+    config = recipe.method
+    if isinstance(config, RolloutTrainerConfig):
+        steps = config.steps_per_generation or args.gradient_accumulation_steps
+        needed = args.per_device_train_batch_size * steps // config.num_generations * args.world_size
+        if len(records) < needed:
+            raise RecipeError(
+                f"data.train {data.train!r} has {len(records)} records but one generation needs {needed} "
+                f"prompts (per_device_train_batch_size × steps_per_generation / num_generations × "
+                f"{args.world_size} process(es)); add data or lower training.per_device_train_batch_size"
+            )
+    return records
+
+
+def check_prompt_lengths(recipe: Recipe, records, model, tokenizer) -> None:
+    """Rollout trainers: every training prompt plus rollout.max_tokens fits the context.
+
+    The context is the model's max_position_embeddings (or rollout.engine_kwargs.max_model_len
+    when smaller). Prompts longer than `<trainer>.max_prompt_length` are dropped by the trainer, so
+    with that set it is the cap that must fit, and some prompt must remain.
+    """
+    from reasoning.data.templates import encode, template_for
+    from reasoning.trainers.base import RolloutTrainerConfig
+
+    config, name = recipe.method, recipe.trainer
+    if not isinstance(config, RolloutTrainerConfig):
+        return
+    context, source = (
+        getattr(model.config, "max_position_embeddings", None),
+        "the model's max_position_embeddings",
+    )
+    max_model_len = recipe.rollout.engine_kwargs.get("max_model_len")
+    if isinstance(max_model_len, int) and (context is None or max_model_len < context):
+        context, source = max_model_len, "rollout.engine_kwargs.max_model_len"
+    if context is None:
+        return
+    tokens = recipe.rollout.max_tokens
+    budget = context - tokens
+    if budget < 1:
+        raise RecipeError(
+            f"rollout.max_tokens ({tokens}) leaves no room for a prompt in a context of {context} tokens "
+            f"({source}); lower rollout.max_tokens"
+        )
+    template = template_for(tokenizer)
+    lengths = [len(encode(tokenizer, template.prior_prompt(q, tokenizer))) for q in records["question"]]
+    cap = config.max_prompt_length
+    if cap is not None:
+        if cap > budget:
+            raise RecipeError(
+                f"{name}.max_prompt_length ({cap}) + rollout.max_tokens ({tokens}) exceeds the context of "
+                f"{context} tokens ({source}); set {name}.max_prompt_length to at most {budget}"
+            )
+        if min(lengths) > cap:
+            raise RecipeError(
+                f"every training prompt is longer than {name}.max_prompt_length ({cap} tokens; the shortest has "
+                f"{min(lengths)}), so none would be kept; raise it (at most {budget}) or use other data"
+            )
+        return
+    too_long = sum(length > budget for length in lengths)
+    if too_long:
+        raise RecipeError(
+            f"{too_long} of {len(lengths)} training prompts do not fit: the longest has {max(lengths)} tokens, "
+            f"and a prompt plus rollout.max_tokens ({tokens}) must fit in {context} tokens ({source}); set "
+            f"{name}.max_prompt_length: {budget} to drop the longer prompts, or lower rollout.max_tokens"
+        )
 
 
 def run(recipe: Recipe, console=None) -> dict[str, Any]:
@@ -352,18 +704,21 @@ def run(recipe: Recipe, console=None) -> dict[str, Any]:
 
     from rich.console import Console
 
-    from reasoning.data.datasets import load_records
     from reasoning.eval.evaluate import evaluate
-    from reasoning.trainers.callbacks import JsonlMetricsCallback
+    from reasoning.trainers.callbacks import JsonlMetricsCallback, attach_run_callbacks
+    from reasoning.trainers.checkpoint import save_final_model
 
     console = console or Console(stderr=True)
-    args = training_arguments(recipe)
+    args = check_recipe(recipe)  # everything that can be checked before a model is built
     run_dir = Path(args.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     final_dir = run_dir / "final"
+    records = None if (final_dir / "config.json").exists() else load_training_records(recipe, args)
+    run_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "trainer": recipe.trainer}
     model, tokenizer, start_path = load_model_and_tokenizer(recipe.model, run_dir)
+    if records is not None:  # checks that need the tokenizer and the model's context, before any work
+        check_prompt_lengths(recipe, records, model, tokenizer)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
     def run_eval(path: str, name: str) -> dict[str, Any] | None:
         if not recipe.eval.benchmarks:
@@ -385,37 +740,74 @@ def run(recipe: Recipe, console=None) -> dict[str, Any]:
     if (final_dir / "config.json").exists():
         console.print(f"[yellow]{final_dir} exists: training already finished, skipping to evaluation")
     else:
-        if recipe.data.train is None:
-            raise RecipeError("section 'data' needs 'train' (dataset name, file or synthetic:TASK)")
-        records = load_records(
-            recipe.data.train, recipe.data.columns or None, recipe.data.split, recipe.data.limit
-        )
         if recipe.trainer == "variational":
             start = time.monotonic()
             summary["stages"] = build_pipeline(recipe, records, start_path, console).run()
             summary["train_seconds"] = time.monotonic() - start
             summary["after"] = run_eval(str(final_dir), "final")
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            write_run_report(run_dir, console)
             return summary
         callbacks = [JsonlMetricsCallback(run_dir / "metrics.jsonl")]
         trainer = build_trainer(recipe, model, tokenizer, records, args, callbacks, start_path)
+        attach_run_callbacks(trainer)  # key metrics in the progress bar; completions to report_to
         start = time.monotonic()
         try:
             trainer.train(resume_from_checkpoint=latest_checkpoint(run_dir))
             summary["train_seconds"] = time.monotonic() - start
-            trainer.save_model(str(final_dir))
-            tokenizer.save_pretrained(final_dir)
+            save_final_model(trainer, final_dir, tokenizer)  # atomic: final/ appears whole or not at all
         finally:
             engine = getattr(trainer, "engine", None)
             if engine is not None:
                 engine.close()
+    if not _end_distributed():  # evaluation, summary and report: once, by rank 0
+        return summary
     summary["after"] = run_eval(str(final_dir), "final")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_run_report(run_dir, console)
     return summary
+
+
+def write_run_report(run_dir: Path, console) -> Path | None:
+    """`<run_dir>/report.html` (curves, timing, evaluation, completions) and `<run_dir>/plots/*.png`
+    at the end of a run, on the main process. A report that cannot be drawn is a warning: the run's
+    checkpoints and results are already on disk."""
+    from reasoning.report import write_report
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    try:
+        path = write_report([run_dir], run_dir / "report.html", plots_dir=run_dir / "plots")
+    except Exception as err:  # noqa: BLE001 - a plotting failure must not fail a finished run
+        console.print(f"[yellow]warning: no report for {run_dir}: {err}")
+        return None
+    console.print(f"report: {path}")
+    return path
+
+
+def _end_distributed() -> bool:
+    """After training under a multi-process launch: tear the process group down and say whether this
+    is rank 0, which alone evaluates and writes the summary (every rank would otherwise evaluate and
+    write the same files). Left to interpreter exit, a DeepSpeed run on CPU aborts a rank ("terminate
+    called without an active exception"). A world-size-1 group (e.g. an in-process vLLM engine's) is
+    left alone."""
+    import os
+
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            rank = torch.distributed.get_rank()
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+            return rank == 0
+        return True
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def reward_functions(config: RewardConfig) -> list:
     """The recipe's reward functions, by name (a plain mapping)."""
+    from reasoning.rewards.code import code_reward
     from reasoning.rewards.format import boxed_format_reward, tagged_answer_format_reward
     from reasoning.rewards.verifier import correctness, reference_steps
 
@@ -424,6 +816,7 @@ def reward_functions(config: RewardConfig) -> list:
         "reference_steps": reference_steps,
         "boxed_format": boxed_format_reward,
         "answer_format": tagged_answer_format_reward(),
+        "code": code_reward,  # sandboxed execution against the dataset's `tests` column
     }
     unknown = [name for name in config.functions if name not in available]
     if unknown:
@@ -477,23 +870,26 @@ def build_pipeline(recipe: Recipe, records, base_path: str, console=None):
     def engine_for(path: str, model, tokenizer):
         return build_engine(recipe, model, tokenizer, path)
 
-    return VariationalReasoningPipeline(
-        recipe.method,
-        base_path,
-        records,
-        training_values(recipe),
-        engine_for,
-        trace_max_tokens=recipe.rollout.max_tokens,
-        console=console,
-        dtype=recipe.model.dtype,
-    )
+    try:
+        return VariationalReasoningPipeline(
+            recipe.method,
+            base_path,
+            records,
+            training_values(recipe),
+            engine_for,
+            trace_max_tokens=recipe.rollout.max_tokens,
+            console=console,
+            dtype=recipe.model.dtype,
+            lora=recipe.model.lora,
+        )
+    except ValueError as err:  # the constructor checks the data against the recipe (e.g. hint_column)
+        raise RecipeError(f"trainer 'variational': {err}") from err
 
 
 def build_trainer(
     recipe: Recipe, model, tokenizer, records, args: TrainingArguments, callbacks: list, model_path: str
 ):
     """The trainer object for `recipe.trainer`."""
-    from reasoning.trainers.grpo import GRPOTrainer
     from reasoning.trainers.sft import make_sft_trainer
 
     if recipe.trainer == "sft":
@@ -505,17 +901,7 @@ def build_trainer(
             return make_latent_thought_trainer(model, tokenizer, records, args, recipe.method, callbacks)
         except ValueError as err:
             raise RecipeError(f"trainer 'latent_thought': {err}") from err
-    from reasoning.trainers.bayes import BayesTrainer
-    from reasoning.trainers.covrl import CoVRLTrainer
-    from reasoning.trainers.gflownet import GFlowNetTrainer
-
-    rollout_trainers = {
-        "grpo": GRPOTrainer,
-        "gflownet": GFlowNetTrainer,
-        "covrl": CoVRLTrainer,
-        "bayes": BayesTrainer,
-    }
-    trainer_class = rollout_trainers[recipe.trainer]
+    trainer_class = rollout_trainer_classes()[recipe.trainer]
     try:
         return trainer_class(
             model=model,

@@ -13,6 +13,7 @@ Tiny models use a plain format (`PlainTemplate`); real models use the tokenizer'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -138,6 +139,51 @@ def find_last(ids: list[int], pattern: list[int]) -> int:
         if ids[start : start + width] == pattern:
             return start
     return -1
+
+
+def split_trace(
+    completion_ids: list[int], marker_ids: list[int], stop_ids: set[int], stopped: bool
+) -> tuple[list[int], bool]:
+    """(trace ids, marker found): a generated completion cut before its last answer marker.
+
+    The stop token is dropped first when the completion `stopped` on one of `stop_ids` (EOS or a
+    stop id). Without a marker (or with an empty `marker_ids`) the whole completion is the trace.
+    The cut is made on token ids (`find_last`), never on decoded text.
+    """
+    ids = list(completion_ids)
+    if stopped and ids and ids[-1] in stop_ids:
+        ids = ids[:-1]
+    cut = find_last(ids, marker_ids) if marker_ids else -1
+    return (ids[:cut], True) if cut >= 0 else (ids, False)
+
+
+def add_posterior_prompts(
+    dataset: Any,
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    hint_column: str,
+    hint_after: bool = False,
+    max_prompt_length: int | None = None,
+) -> Any:
+    """A `datasets.Dataset` with the posterior prompt q(z|x, y′) of each row added, as text
+    (`posterior_prompt`) and ids (`posterior_prompt_ids`); the hint y′ is the row's `hint_column`.
+    Rows whose posterior prompt is longer than `max_prompt_length` tokens are dropped."""
+    if hint_column not in dataset.column_names:
+        raise ValueError(
+            f"the posterior prompt needs the hint column {hint_column!r} in the training data; "
+            f"it has {dataset.column_names}"
+        )
+
+    def add(row: dict[str, Any]) -> dict[str, Any]:
+        text = template.posterior_prompt(
+            row["question"], str(row[hint_column]), tokenizer, hint_after=hint_after
+        )
+        return {"posterior_prompt": text, "posterior_prompt_ids": encode(tokenizer, text)}
+
+    dataset = dataset.map(add)
+    if max_prompt_length:
+        dataset = dataset.filter(lambda row: len(row["posterior_prompt_ids"]) <= max_prompt_length)
+    return dataset
 
 
 def scoring_ids(

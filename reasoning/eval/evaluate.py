@@ -131,9 +131,16 @@ def _run_benchmark(
     correct: list[list[bool]] = []
     answers: list[list[str | None]] = []
     lengths: list[int] = []
-    columns = [TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    columns = [
+        TextColumn(f"[bold]{name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("accuracy {task.fields[accuracy]}"),  # running mean over the samples graded so far
+        TimeElapsedColumn(),
+    ]
+    graded = right = 0
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(name, total=len(records))
+        task = progress.add_task(name, total=len(records), accuracy="-")
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
             prompts = [encode(tokenizer, template.prior_prompt(r["question"], tokenizer)) for r in chunk]
@@ -166,10 +173,11 @@ def _run_benchmark(
                     )
                 correct.append(row_correct)
                 answers.append(row_answers)
+                graded, right = graded + len(row_correct), right + sum(row_correct)
             if out_dir:
                 with (out_dir / "samples.jsonl").open("a") as f:
                     f.writelines(json.dumps(line) + "\n" for line in lines)
-            progress.advance(task, len(chunk))
+            progress.update(task, advance=len(chunk), accuracy=f"{100 * right / max(graded, 1):.1f}%")
     return correct, answers, lengths
 
 

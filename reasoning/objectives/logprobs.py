@@ -48,10 +48,13 @@ def _chunk_logprobs(
     temperature: float,
     with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = hidden.float() @ weight.float().t()
+    # fp32 even under a caller's bf16 autocast (which would otherwise run this matmul in bf16)
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logits = hidden.float() @ weight.float().t()
+    # in place: one [chunk, V] buffer fewer each (the matmul's backward does not need its output)
     if bias is not None:
-        logits = logits + bias.float()
-    logits = logits / temperature
+        logits.add_(bias.float())
+    logits.div_(temperature)
     normaliser = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
     if with_entropy:
@@ -70,6 +73,7 @@ def token_logprobs_from_hidden(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     with_entropy: bool = False,
+    max_chunk_elements: int = 2**24,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs and entropies from hidden states and the LM head, chunk by chunk.
 
@@ -77,7 +81,9 @@ def token_logprobs_from_hidden(
     `logp [B, T]` = log softmax((h·Wᵀ + b)/τ)[target] and, with `with_entropy`, `entropy [B, T]`
     = H(softmax((h·Wᵀ + b)/τ)). The B·T rows are processed `chunk_size` at a time under
     activation checkpointing, so only one chunk's logits [chunk, V] exist at once, in the
-    forward and in the backward pass. Accumulation is in fp32 whatever the input dtype.
+    forward and in the backward pass; a chunk is cut further to at most `max_chunk_elements`
+    logits (64 MB in fp32: 110 rows at a vocabulary of 151,936), so that large vocabularies stay
+    within a fixed budget. Accumulation is in fp32 whatever the input dtype or autocast state.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 to score tokens, got {temperature}")
@@ -87,6 +93,7 @@ def token_logprobs_from_hidden(
     needs_grad = torch.is_grad_enabled() and (
         flat_hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
+    chunk_size = max(1, min(chunk_size, max_chunk_elements // weight.shape[0]))
     logps, entropies = [], []
     for start in range(0, batch * length, chunk_size):
         rows = slice(start, start + chunk_size)

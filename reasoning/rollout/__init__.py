@@ -26,10 +26,9 @@ def make_engine(kind: str, model_path: str, **kw) -> RolloutEngine:
 
         return VLLMEngine(model_path, **kw)
     if kind == "vllm-server":
-        raise ValueError(
-            "the vllm-server engine (remote `vllm serve` processes) is not in this version yet; "
-            "use 'vllm' (colocated) or 'hf'"
-        )
+        from reasoning.rollout.vllm_server import VLLMServerEngine
+
+        return VLLMServerEngine(model_path, **kw)
     raise ValueError(f"unknown rollout engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}")
 
 

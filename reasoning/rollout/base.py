@@ -68,8 +68,15 @@ class Rollout:
 class RolloutEngine(Protocol):
     """What trainers and the evaluator need from a generation backend."""
 
-    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, n: int = 1) -> list[list[Rollout]]:
-        """Return, for each prompt, `n` rollouts sampled with `sampling`."""
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: Sampling, n: int = 1, seeds: list[int] | None = None
+    ) -> list[list[Rollout]]:
+        """Return, for each prompt, `n` rollouts sampled with `sampling`.
+
+        `seeds` (one per prompt) overrides `sampling.seed`: prompt i's completions then depend only on
+        the prompt and `seeds[i]`, not on which other prompts share the call. Data-parallel trainers
+        rely on this so that a prompt's group is the same whichever rank generates it.
+        """
         ...
 
     def sync_weights(self, model: torch.nn.Module) -> None:

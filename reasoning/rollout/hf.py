@@ -55,8 +55,26 @@ class HFEngine:
     def close(self) -> None:
         self.model = None
 
-    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, n: int = 1) -> list[list[Rollout]]:
-        """For each prompt, `n` completions with their sampling log-probs and finish reasons."""
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: Sampling, n: int = 1, seeds: list[int] | None = None
+    ) -> list[list[Rollout]]:
+        """For each prompt, `n` completions with their sampling log-probs and finish reasons.
+
+        With `seeds` (one per prompt) each prompt is generated on its own, after seeding torch with
+        its seed: one shared generator over a batch would make a prompt's samples depend on its
+        batch-mates (and padding), so per-prompt seeds cost the batching over prompts.
+        """
+        if seeds is not None:
+            if len(seeds) != len(prompt_ids):
+                raise ValueError(
+                    f"{len(seeds)} seeds for {len(prompt_ids)} prompts: give one seed per prompt"
+                )
+            grouped: list[list[Rollout]] = []
+            with torch.random.fork_rng(devices=[]):
+                for index, (ids, seed) in enumerate(zip(prompt_ids, seeds)):
+                    torch.manual_seed(seed)
+                    grouped.extend(self._generate_batch([ids], sampling, n, index))
+            return grouped
         results: list[list[Rollout]] = []
         rng = torch.random.fork_rng(devices=[]) if sampling.seed is not None else contextlib.nullcontext()
         with rng:

@@ -321,8 +321,11 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ generation
     @staticmethod
-    def sampling_params(sampling: Sampling, n: int = 1):
+    def sampling_params(sampling: Sampling, n: int = 1, seed: int | None = None):
         """The `vllm.SamplingParams` equivalent of `sampling`, with the sampled token's log-prob.
+
+        `seed` overrides `sampling.seed` (per-request seeds; vLLM seeds the i-th of n samples with
+        seed + i).
 
         vLLM detokenises only when stop strings need it: detokenising also decodes every log-prob
         token, which costs ~15% of throughput on small models; otherwise `generate` decodes the
@@ -338,7 +341,7 @@ class VLLMEngine:
             max_tokens=sampling.max_tokens,
             stop=list(sampling.stop) or None,
             stop_token_ids=list(sampling.stop_token_ids) or None,
-            seed=sampling.seed,
+            seed=sampling.seed if seed is None else seed,
             logprobs=0,  # only the sampled token's log-prob
             flat_logprobs=True,  # plain lists instead of one dict per token
             # ignore_eos (benchmarks): exactly max_tokens tokens; EOS may still be drawn (and is then
@@ -348,8 +351,12 @@ class VLLMEngine:
             skip_special_tokens=True,
         )
 
-    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, n: int = 1) -> list[list[Rollout]]:
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: Sampling, n: int = 1, seeds: list[int] | None = None
+    ) -> list[list[Rollout]]:
         """For each prompt, `n` completions with their behaviour log-probs and finish reasons.
+
+        `seeds` (one per prompt) gives each request its own seed instead of `sampling.seed`.
 
         Completion ids include the stop token (EOS or a stop id) when the completion ended on one,
         and the token that completed a stop string; `text` excludes special tokens, the stop token
@@ -372,16 +379,27 @@ class VLLMEngine:
                 f"prompt {too_long[0]} has {len(prompt_ids[too_long[0]])} tokens; the engine's max_model_len is "
                 f"{self.max_model_len}: raise rollout.engine_kwargs.max_model_len or shorten the prompts"
             )
+        if seeds is not None and len(seeds) != len(prompt_ids):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts: give one seed per prompt")
         local = [list(p) for p in prompt_ids]
-        everyone, share = self._pool_tensor_parallel(local)
-        params = self.sampling_params(sampling, n)
+        # vLLM refuses n > 1 with greedy sampling; greedy completions are all the same, so one is
+        # generated per prompt and copied n times
+        copies = n if sampling.temperature == 0 else 1
+        params = self.sampling_params(sampling, n // copies)
+        if seeds is None:
+            everyone, share = self._pool_tensor_parallel(local)
+            request_params = params
+        else:
+            pooled, share = self._pool_tensor_parallel([(p, s) for p, s in zip(local, seeds)])
+            everyone = [p for p, _ in pooled]
+            request_params = [self.sampling_params(sampling, n // copies, seed=s) for _, s in pooled]
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in everyone], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=p) for p in everyone], request_params, use_tqdm=False
         )
         groups: list[list[Rollout]] = []
         for index, (ids, output) in enumerate(zip(local, outputs[share], strict=True)):
             group = []
-            for sample in output.outputs:
+            for sample in [s for s in output.outputs for _ in range(copies)]:
                 tokens = list(sample.token_ids)
                 group.append(
                     Rollout(
@@ -405,12 +423,13 @@ class VLLMEngine:
                 rollout.text = text
         return groups
 
-    def _pool_tensor_parallel(self, prompts: list[list[int]]) -> tuple[list[list[int]], slice]:
+    def _pool_tensor_parallel(self, prompts: list) -> tuple[list, slice]:
         """With external-launcher tensor parallelism every rank of a group must submit the same
-        requests: gather the group's prompts, and return the slice of outputs that is this rank's."""
+        requests: gather the group's prompts (or (prompt, seed) pairs), and return the slice of
+        outputs that is this rank's."""
         if self._tp_group is None:
             return prompts, slice(0, len(prompts))
-        gathered: list[list[list[int]] | None] = [None] * self.tensor_parallel_size
+        gathered: list[list | None] = [None] * self.tensor_parallel_size
         torch.distributed.all_gather_object(gathered, prompts, group=self._tp_group)
         position = torch.distributed.get_rank(group=self._tp_group)
         start = sum(len(g) for g in gathered[:position])

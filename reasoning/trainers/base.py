@@ -16,6 +16,7 @@ Groups never straddle ranks: each rank samples its own prompts and keeps their w
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import json
 import math
@@ -25,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from datasets import Dataset
@@ -33,8 +34,11 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from reasoning.data.templates import Template, encode, template_for
-from reasoning.objectives.logprobs import token_logprobs_from_hidden
+from reasoning.models.scoring import final_states, states_token_logprobs
 from reasoning.rollout import Rollout, RolloutEngine, Sampling
+from reasoning.trainers.checkpoint import ResumableTrainer
+from reasoning.trainers.nonfinite import NonFiniteLossError as NonFiniteLossError  # re-exported (CLI)
+from reasoning.trainers.nonfinite import NonFiniteLossGuard
 
 RewardFunction = Callable[..., list[float | None]]
 
@@ -62,6 +66,23 @@ class RolloutTrainerConfig:
     log_completions: bool = field(
         default=True,
         metadata={"help": "Write completions.jsonl with every generation made at a logging step."},
+    )
+    reward_failures: Literal["raise", "skip"] = field(
+        default="raise",
+        metadata={
+            "help": "What a reward function failure does (it raises, returns NaN/inf, a non-number or the "
+            "wrong number of values, or no function gives a sample a reward): 'raise' stops training with "
+            "the offending sample shown; 'skip' scores that sample as not applicable for that function "
+            "(NaN, summed as 0) and counts it in the metric rewards/failures."
+        },
+    )
+    max_nonfinite_losses: int = field(
+        default=3,
+        metadata={
+            "help": "An optimizer step in which any micro-batch's loss is NaN/inf is skipped whole (no "
+            "weight or optimizer-state change; metric train/nonfinite_loss_skipped); training stops with an "
+            "error after more than this many skipped steps in a row."
+        },
     )
 
 
@@ -111,9 +132,96 @@ class GroupBatchSampler(Sampler[list[int]]):
                 yield mine
 
 
+# Metrics whose window (and cross-rank) reduction is the maximum rather than the mean.
+MAX_METRICS = frozenset({"completions/max_length"})
+
+
+def is_count_metric(name: str) -> bool:
+    """Counts (`rewards/failures`, `rewards/<name>/failures`) are summed over the window and ranks."""
+    return name.startswith("rewards/") and name.endswith("failures")
+
+
+def reduce_metrics(accelerator: Any, metrics: dict[str, list[float]]) -> dict[str, float]:
+    """Each metric's mean over the logging window, then over the ranks that recorded it.
+
+    Ranks may record different names (a value is recorded only where it is defined, e.g. a rank
+    with no prior-sampled rows in CoVRL), so the per-rank results travel in one all-gather of
+    objects: a per-name collective would deadlock, or pair different metrics, when the name sets
+    differ. With equal per-rank counts the mean of rank means is the global mean. `MAX_METRICS`
+    take the maximum instead, counts (`is_count_metric`) the sum.
+    """
+
+    def combine(name: str, values: list[float]) -> float:
+        if is_count_metric(name):
+            return math.fsum(values)
+        return max(values) if name in MAX_METRICS else math.fsum(values) / len(values)
+
+    local = {name: combine(name, values) for name, values in metrics.items() if values}
+    if accelerator.num_processes == 1:
+        return local
+    from accelerate.utils import gather_object
+
+    everyone = gather_object([local])
+    names = sorted(set().union(*everyone))
+    return {name: combine(name, [rank[name] for rank in everyone if name in rank]) for name in names}
+
+
 def is_peft_model(model: torch.nn.Module) -> bool:
     """A PEFT model: its base is the policy with the adapters disabled."""
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function failed on a sample; the message shows the sample and the options."""
+
+
+def _reward_name(function: RewardFunction, j: int) -> str:
+    return getattr(function, "__name__", f"reward_{j}")
+
+
+def _call_one(function: RewardFunction, kwargs: dict[str, Any]) -> Any:
+    if inspect.iscoroutinefunction(function):
+        return asyncio.run(function(**kwargs))
+    return function(**kwargs)
+
+
+def _as_rewards(output: Any, n: int) -> tuple[list[float], dict[int, str], str | None]:
+    """A function's output -> (values with NaN for None/failed, {sample: problem}, whole-call problem)."""
+    if isinstance(output, BaseException):
+        return [math.nan] * n, {}, f"raised {type(output).__name__}: {output}"
+    try:
+        output = list(output)
+    except TypeError:
+        return [math.nan] * n, {}, f"returned a {type(output).__name__}, not a list of rewards"
+    if len(output) != n:
+        return [math.nan] * n, {}, f"returned {len(output)} values for {n} completions"
+    values, problems = [], {}
+    for i, value in enumerate(output):
+        if value is None:  # not applicable (TRL's convention)
+            values.append(math.nan)
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number, problems[i] = math.nan, f"returned {value!r:.80} (a {type(value).__name__}, not a number)"
+        else:
+            if not math.isfinite(number):
+                number, problems[i] = math.nan, f"returned {number}"
+        values.append(number)
+    return values, problems, None
+
+
+def _show_sample(kwargs: dict[str, Any], i: int, n: int) -> str:
+    """One sample's prompt, completion and scalar columns, shortened, for an error message."""
+    shown = []
+    for key, values in kwargs.items():
+        if key == "completion_ids" or not isinstance(values, list) or len(values) != n:
+            continue
+        value = values[i]
+        if isinstance(value, str | int | float | bool) or value is None:
+            text = repr(value)
+            shown.append(f"{key}={text if len(text) <= 160 else text[:157] + '...'}")
+    return ", ".join(shown)
 
 
 def call_reward_functions(
@@ -122,39 +230,93 @@ def call_reward_functions(
     completions: list[str],
     completion_ids: list[list[int]],
     columns: dict[str, list[Any]],
+    on_failure: str = "raise",
+    failures: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Rewards [N, F] from TRL-style functions `f(prompts, completions, completion_ids, **columns)`.
 
-    Coroutine functions run concurrently; `None` (not applicable) becomes NaN.
+    Coroutine functions run concurrently; `None` (not applicable) becomes NaN. A failure (the
+    function raises, returns NaN/inf, a non-number or the wrong number of values; or every function
+    returns None for a sample) raises `RewardFunctionError` showing the offending sample when
+    `on_failure` is "raise"; with "skip" the failed entries become NaN and `failures[name]` counts
+    the failed samples ("no_reward" for samples no function scored). When a whole call fails, the
+    function is called again one sample at a time to find the samples it fails on.
     """
+    if on_failure not in ("raise", "skip"):
+        raise ValueError(f"reward_failures must be 'raise' or 'skip', got {on_failure!r}")
+    n = len(completions)
     kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
     results: list[Any] = [None] * len(functions)
     pending = []
-    for i, function in enumerate(functions):
+    for j, function in enumerate(functions):
         if inspect.iscoroutinefunction(function):
-            pending.append((i, function))
+            pending.append((j, function))
         else:
-            results[i] = function(**kwargs)
+            try:
+                results[j] = function(**kwargs)
+            except Exception as err:  # a user's reward function: any failure is reported below
+                results[j] = err
 
     async def run_async() -> list[Any]:
-        return await asyncio.gather(*(function(**kwargs) for _, function in pending))
+        return await asyncio.gather(*(function(**kwargs) for _, function in pending), return_exceptions=True)
 
     if pending:
-        for (i, _), value in zip(pending, asyncio.run(run_async())):
-            results[i] = value
-    table = torch.full((len(completions), len(functions)), math.nan)
-    for j, (function, values) in enumerate(zip(functions, results)):
-        values = list(values)
-        if len(values) != len(completions):
-            name = getattr(function, "__name__", repr(function))
-            raise ValueError(
-                f"reward function {name} returned {len(values)} values for {len(completions)} completions"
+        for (j, _), value in zip(pending, asyncio.run(run_async())):
+            results[j] = value
+
+    def sample_kwargs(i: int) -> dict[str, Any]:
+        return {k: [v[i]] if isinstance(v, list) and len(v) == n else v for k, v in kwargs.items()}
+
+    def fail(name: str, i: int, problem: str) -> None:
+        if on_failure == "raise":
+            raise RewardFunctionError(
+                f"reward function {name!r} {problem} on sample {i} of {n} ({_show_sample(kwargs, i, n)}). "
+                "Fix the function or the data; or set reward_failures: skip in the trainer's recipe section "
+                "to score such samples as not applicable and count them (metric rewards/failures)."
             )
-        table[:, j] = torch.tensor([math.nan if v is None else float(v) for v in values])
+        if failures is not None:
+            failures[name] = failures.get(name, 0) + 1
+
+    table = torch.full((n, len(functions)), math.nan)
+    for j, (function, output) in enumerate(zip(functions, results)):
+        name = _reward_name(function, j)
+        values, problems, whole = _as_rewards(output, n)
+        if whole is not None:
+            for i in range(n):  # find the samples it fails on, one call each
+                try:
+                    one = _call_one(function, sample_kwargs(i))
+                except Exception as err:
+                    one = err
+                value, problem, one_whole = _as_rewards(one, 1)
+                values[i] = value[0]
+                if one_whole is not None or problem:
+                    problems[i] = one_whole or problem[0]
+            if not problems:  # every sample passes alone: the batch call itself is broken
+                problems = dict.fromkeys(range(n), whole)
+                values = [math.nan] * n
+        for i in sorted(problems):
+            fail(name, i, problems[i])
+        table[:, j] = torch.tensor(values, dtype=torch.float32)
+    if functions:
+        for i in range(n):
+            unanswered = all(
+                isinstance(out, list | tuple) and len(out) == n and out[i] is None for out in results
+            )
+            if unanswered:
+                if on_failure == "raise":
+                    raise RewardFunctionError(
+                        f"no reward function scored sample {i} of {n}: all of "
+                        f"{[_reward_name(f, j) for j, f in enumerate(functions)]} returned None (not "
+                        f"applicable) for ({_show_sample(kwargs, i, n)}). Add a reward function that applies "
+                        "to it, or set reward_failures: skip in the trainer's recipe section to score it 0 "
+                        "and count it (metric rewards/failures)."
+                    )
+                if failures is not None:
+                    failures["no_reward"] = failures.get("no_reward", 0) + 1
     return table
 
 
-class RolloutTrainer(Trainer):
+class RolloutTrainer(NonFiniteLossGuard, ResumableTrainer, Trainer):
     """transformers.Trainer that trains on its own rollouts. See the module docstring."""
 
     # compute_loss scales for gradient accumulation itself (each trainer's objective decides how).
@@ -251,7 +413,17 @@ class RolloutTrainer(Trainer):
             rank=self.args.process_index,
             world_size=self.args.world_size,
         )
+        self._group_sampler = sampler
         return DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=lambda rows: rows)
+
+    def _run_epoch(self, *args: Any, **kwargs: Any):
+        # accelerate forwards `set_epoch` to a batch sampler only through a BatchSamplerShard or a
+        # SkipBatchSampler (several processes, or a resume that skips batches): one process would
+        # repeat epoch 0's order in every epoch, and a resumed run would not. Set it for every case.
+        epoch = kwargs["epoch"] if "epoch" in kwargs else args[1]
+        if getattr(self, "_group_sampler", None) is not None:
+            self._group_sampler.set_epoch(int(epoch))
+        return super()._run_epoch(*args, **kwargs)
 
     # ------------------------------------------------------------------ generation
     def sync_engine(self) -> None:
@@ -270,11 +442,30 @@ class RolloutTrainer(Trainer):
         seed = None if seed is None else seed + self.args.process_index
         return Sampling(**{**self.sampling.__dict__, "seed": seed})
 
+    def prompt_seeds(self, count: int) -> list[int] | None:
+        """One sampling seed per prompt of this rank's generation batch (None when sampling is unseeded).
+
+        Seeded by (seed, step, the prompt's position in the global generation batch): rank r's
+        prompts are positions r·prompts_per_generation + i of the same permutation that one process
+        with the whole batch takes in order, so a prompt's completions do not depend on the number
+        of ranks (the data-parallel equality tests rely on it) and a resume repeats them.
+        """
+        if self.sampling.seed is None:
+            return None
+        first = self.args.process_index * self.prompts_per_generation
+        return [
+            random.Random(f"{self.sampling.seed}-{self.state.global_step}-{first + i}").getrandbits(31)
+            for i in range(count)
+        ]
+
     def generate(self, rows: list[dict[str, Any]]) -> list[list[Rollout]]:
         self.sync_engine()
         start = time.monotonic()
         groups = self.engine.generate(
-            [row["prompt_ids"] for row in rows], self.generation_sampling(), n=self.config.num_generations
+            [row["prompt_ids"] for row in rows],
+            self.generation_sampling(),
+            n=self.config.num_generations,
+            seeds=self.prompt_seeds(len(rows)),
         )
         self._metrics["time/generation"].append(time.monotonic() - start)
         return groups
@@ -290,7 +481,7 @@ class RolloutTrainer(Trainer):
         }
         columns["trainer_state"] = self.state
         start = time.monotonic()
-        table = call_reward_functions(
+        table = self.call_rewards(
             self.reward_funcs,
             [row["prompt"] for row in flat_rows],
             [r.text for r in rollouts],
@@ -298,13 +489,42 @@ class RolloutTrainer(Trainer):
             columns,
         )
         self._metrics["time/reward"].append(time.monotonic() - start)
+        everyone, _ = self.gather_generation(table)  # the reward stds are the global batch's
         for j, function in enumerate(self.reward_funcs):
             name = getattr(function, "__name__", f"reward_{j}")
-            values = table[:, j]
+            values = everyone[:, j]
             values = values[~values.isnan()]
             if len(values):
                 self._metrics[f"rewards/{name}/mean"].append(values.mean().item())
                 self._metrics[f"rewards/{name}/std"].append(values.std().item() if len(values) > 1 else 0.0)
+        return table
+
+    def call_rewards(
+        self,
+        functions: list[RewardFunction],
+        prompts: list[str],
+        completions: list[str],
+        completion_ids: list[list[int]],
+        columns: dict[str, list[Any]],
+    ) -> torch.Tensor:
+        """`call_reward_functions` with this trainer's `reward_failures` option: every call of reward (or
+        feature) functions goes through here. With "skip" the failed samples of the call are added to the
+        counts `rewards/failures` and `rewards/<name>/failures` (summed over the logging window and ranks;
+        0 when all went well)."""
+        failures: dict[str, int] = {}
+        table = call_reward_functions(
+            functions,
+            prompts,
+            completions,
+            completion_ids,
+            columns,
+            on_failure=self.config.reward_failures,
+            failures=failures,
+        )
+        if self.config.reward_failures == "skip":
+            self.record("rewards/failures", sum(failures.values()))
+            for name, count in failures.items():
+                self.record(f"rewards/{name}/failures", count)
         return table
 
     def combine_rewards(self, table: torch.Tensor) -> torch.Tensor:
@@ -356,6 +576,53 @@ class RolloutTrainer(Trainer):
             or self.steps_per_generation > self.args.gradient_accumulation_steps
         )
 
+    def policy_copy(self, frozen: bool = True) -> torch.nn.Module:
+        """A copy of the policy's transformers model as it is now (a PEFT policy's whole model).
+
+        `frozen`: in eval mode without gradients (a KL reference, a frozen base). Without DeepSpeed
+        ZeRO-3 this is a deep copy. Under ZeRO-3 the policy's parameters are partitions, and a deep
+        copy would hold empty shards; instead a new model is built from the policy's config and filled
+        module by module from the gathered shards (`deepspeed.zero.GatheredParameters`, so the whole
+        policy is never gathered at once). A frozen copy is built partitioned (`zero.Init`, through
+        transformers' `_from_config`) and wrapped as TRL's `prepare_deepspeed` does: a DeepSpeed
+        engine with the training config's ZeRO-3 settings and no optimizer, whose forward gathers the
+        parameters. A trainable copy (`frozen=False`) is a full, unpartitioned model for a torch
+        optimizer outside DeepSpeed.
+        """
+        policy = self.accelerator.unwrap_model(self.model)
+        plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
+        if plugin is None or plugin.zero_stage != 3:
+            model = copy.deepcopy(policy)
+        else:
+            import deepspeed  # only under DeepSpeed (its import initialises an accelerator)
+
+            dtype = next(policy.parameters()).dtype
+            # _from_config builds under zero.Init while transformers' ZeRO-3 config is active
+            if frozen:
+                model = type(policy)._from_config(policy.config, dtype=dtype)
+            else:
+                model = type(policy)(policy.config).to(dtype)
+            for source, target in zip(policy.modules(), model.modules(), strict=True):
+                own = source.parameters(recurse=False), target.parameters(recurse=False)
+                pairs = list(zip(*own, strict=True))
+                if not pairs:
+                    continue
+                # modifier_rank 0: a partitioned target is re-partitioned from rank 0's full copy on exit
+                with deepspeed.zero.GatheredParameters([p for pair in pairs for p in pair], modifier_rank=0):
+                    with torch.no_grad():
+                        for src, dst in pairs:
+                            dst.data.copy_(src.data)
+            if frozen:
+                config = copy.deepcopy(plugin.deepspeed_config)
+                for key in ("optimizer", "scheduler"):
+                    config.pop(key, None)
+                config["zero_optimization"].pop("offload_optimizer", None)
+                model, *_ = deepspeed.initialize(model=model, config=config)
+        if frozen:
+            model.eval()  # (a DeepSpeed engine's eval() returns None)
+            model.requires_grad_(False)
+        return model
+
     @torch.no_grad()
     def logprobs_without_grad(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-token log-probs of the completions under `model`, chunked, no graph kept."""
@@ -388,6 +655,21 @@ class RolloutTrainer(Trainer):
                 {k: v[index] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
             )
 
+    def gather_generation(self, values: torch.Tensor) -> tuple[torch.Tensor, slice]:
+        """Every rank's `values` `[n, ...]` of this generation, concatenated in rank order, and the
+        slice that is this rank's.
+
+        Rank order is the order in which one process with the whole generation batch sees the same
+        prompts (`GroupBatchSampler`), so a statistic of the gathered tensor (a batch std, a filter
+        threshold) is the single-process one. Every rank must call this (it is a collective).
+        """
+        n = values.shape[0]
+        if self.accelerator.num_processes == 1:
+            return values, slice(0, n)
+        gathered = self.accelerator.gather(values.contiguous().to(self.accelerator.device)).cpu()
+        start = self.args.process_index * n
+        return gathered, slice(start, start + n)
+
     def _prepare_inputs(self, inputs: Any) -> dict[str, torch.Tensor]:
         if isinstance(inputs, dict):  # already a micro-batch (evaluation or a subclass)
             return super()._prepare_inputs(inputs)
@@ -404,24 +686,25 @@ class RolloutTrainer(Trainer):
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token log-probs (and entropies) of the completion tokens under `model`, at the sampling
-        temperature, from the final hidden states chunk by chunk (no full-vocabulary logits)."""
+        temperature, from the final hidden states chunk by chunk (no full-vocabulary logits).
+
+        Under DeepSpeed ZeRO-3 the output head's weight is a partition outside the model's forward,
+        so the logits come from the forward itself (`logits_to_keep` = completion width + 1): DeepSpeed
+        gathers the weight there and reduces its gradient, at the cost of [B, T, V] logits.
+        """
         device = next(model.parameters()).device
         prompt_ids, completion_ids = batch["prompt_ids"].to(device), batch["completion_ids"].to(device)
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1).to(device)
-        out = model(
-            input_ids=input_ids, attention_mask=attention, logits_to_keep=1, output_hidden_states=True
-        )
         width = completion_ids.shape[1]
-        # position t's hidden state predicts token t+1
-        hidden = out.hidden_states[-1][:, -width - 1 : -1]
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
         temperature = self.sampling.temperature if self.sampling.temperature > 0 else 1.0
-        return token_logprobs_from_hidden(
-            hidden,
-            head.weight,
+        unwrapped = self.accelerator.unwrap_model(model)
+        states, head, _ = final_states(model, unwrapped, input_ids, attention, keep=width + 1)
+        # position t's state predicts token t+1
+        return states_token_logprobs(
+            states[:, :-1],
+            head,
             completion_ids,
-            bias=getattr(head, "bias", None),
             temperature=temperature,
             chunk_size=self.config.logprob_chunk_size,
             with_entropy=with_entropy,
@@ -431,7 +714,13 @@ class RolloutTrainer(Trainer):
         """Calls the subclass's `loss(model, batch)`: the micro-batch objective, scaled for accumulation."""
         if return_outputs:
             raise ValueError("rollout trainers do not return model outputs from compute_loss")
-        return self.loss(model, inputs)
+        loss = self.loss(model, inputs)
+        return self.skip_nonfinite_loss(model, loss) if model.training else loss
+
+    @property
+    def max_nonfinite_losses(self) -> int:
+        """`NonFiniteLossGuard`'s limit of skipped optimizer steps in a row, from the config."""
+        return self.config.max_nonfinite_losses
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -445,11 +734,7 @@ class RolloutTrainer(Trainer):
         self._metrics[name].append(float(value))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        averaged = {}
-        for name, values in self._metrics.items():
-            if values:
-                tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
-                averaged[name] = self.accelerator.reduce(tensor.mean(), reduction="mean").item()
+        averaged = reduce_metrics(self.accelerator, self._metrics)
         self._metrics.clear()
         super().log({**logs, **averaged}, start_time)
 
@@ -491,30 +776,20 @@ class RolloutTrainer(Trainer):
                     i += 1
 
     # ------------------------------------------------------------------ checkpoints
-    def trainer_extra_state(self) -> dict[str, Any]:
-        """Hook: state beyond model/optimizer/scheduler/RNG that a resume needs (e.g. replay buffers)."""
-        return {}
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The micro-step counter, the subclass's extra state and, when the checkpoint falls inside
+        a generation cycle (steps_per_generation > gradient_accumulation_steps or num_iterations > 1),
+        the generation buffer: regenerating it on resume would sample at a later step from moved
+        weights, so the rest of the cycle would train on a different batch."""
+        state = {**super().checkpoint_state(), "micro_step": self._micro_step}
+        if self._micro_step % (self.steps_per_generation * self.config.num_iterations):
+            state["buffer"] = self._buffer
+        return state
 
-    def load_trainer_extra_state(self, state: dict[str, Any]) -> None:
-        """Hook: restore what `trainer_extra_state` returned."""
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.is_world_process_zero():
-            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            torch.save(
-                {"micro_step": self._micro_step, "extra": self.trainer_extra_state()},
-                folder / "rollout_trainer_state.pt",
-            )
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = Path(resume_from_checkpoint) / "rollout_trainer_state.pt"
-        if path.exists():
-            state = torch.load(path, weights_only=False)
-            self._micro_step = state["micro_step"]
-            self.load_trainer_extra_state(state["extra"])
-
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        super().load_checkpoint_state(state)
+        self._micro_step = int(state["micro_step"])
+        self._buffer = list(state.get("buffer", []))
 
 def _finite(value: torch.Tensor) -> float | None:
     value = float(value)

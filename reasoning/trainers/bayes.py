@@ -25,7 +25,6 @@ sampling temperature, top-k and top-p), which changes the target to a_T·b or a_
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import random
@@ -60,7 +59,6 @@ from reasoning.trainers.base import (
     RewardFunction,
     RolloutTrainer,
     RolloutTrainerConfig,
-    call_reward_functions,
     is_peft_model,
 )
 
@@ -227,12 +225,6 @@ def check_sampling_warpers(sampling: Any, config: BayesConfig) -> None:
         )
 
 
-def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    frozen = copy.deepcopy(model).eval()
-    frozen.requires_grad_(False)
-    return frozen
-
-
 def fit_conditional_moment_lambdas(
     features: torch.Tensor,
     log_base_minus_log_proposal: torch.Tensor,
@@ -302,9 +294,10 @@ class BayesTrainer(RolloutTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         self.base_model = base_model
         if base_model is None and not is_peft_model(policy):
-            self.base_model = _frozen_copy(policy)
+            self.base_model = self.policy_copy()  # under ZeRO-3: a partitioned inference engine
         if self.base_model is not None:
-            self.base_model.eval().requires_grad_(False)
+            self.base_model.eval()  # (a DeepSpeed engine's eval() returns None)
+            self.base_model.requires_grad_(False)
         available = {**FEATURES, **(feature_funcs or {})}
         unknown = [name for name in cfg.moment_features if name not in available]
         if unknown:
@@ -322,7 +315,14 @@ class BayesTrainer(RolloutTrainer):
         self.proposal_model: torch.nn.Module | None = None
         self._proposal_dirty = False
         if cfg.proposal == "offline":
-            self.proposal_model = _frozen_copy(policy)
+            plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
+            if plugin is not None and plugin.zero_stage == 3:
+                # q is refreshed from π with load_state_dict, which a partitioned copy does not take
+                raise ValueError(
+                    "bayes.proposal: offline is not supported under DeepSpeed ZeRO-3; use proposal: online "
+                    "or ZeRO-2"
+                )
+            self.proposal_model = self.policy_copy()
             self._proposal_dirty = True  # the engine must hold q before the first generation
             if getattr(self.engine, "model", None) is policy:
                 # an hf engine wrapping the live policy would sample from π: give it the snapshot q
@@ -402,13 +402,15 @@ class BayesTrainer(RolloutTrainer):
             k: [row[k] for row in flat_rows] for k in flat_rows[0] if k not in ("prompt", "prompt_ids")
         }
         columns["trainer_state"] = self.state
-        return call_reward_functions(
+        table = self.call_rewards(
             functions,
             [row["prompt"] for row in flat_rows],
             [r.text for r in rollouts],
             [r.completion_ids for r in rollouts],
             columns,
         )
+        # a not-applicable or (reward_failures: skip) failed value counts as 0, as in the reward sum
+        return table.nan_to_num(nan=0.0)
 
     def constraint(self, rewards: torch.Tensor) -> torch.Tensor:
         """b(x) = 1[r(x) ≥ threshold], bool `[N]`."""
@@ -482,9 +484,27 @@ class BayesTrainer(RolloutTrainer):
 
     # ------------------------------------------------------------------ Z
     def _pooled_log_z(self, keys: list[str], log_means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Add this batch's estimates to the running ones and return the pooled log Ẑ per key `[C]`."""
+        """Add this batch's estimates to the running ones and return the pooled log Ẑ per key `[C]`.
+
+        Under data parallelism every rank adds every rank's estimates (one all-gather), so the ranks
+        hold the same state (a checkpoint written by rank 0 has every prompt's) and the batch-wide Z
+        (key "") is the global batch's; estimates of one key from one call are pooled into one entry.
+        """
         window = self.config.z_window
-        for key, value, count in zip(keys, log_means.tolist(), counts.tolist()):
+        entries = list(zip(keys, log_means.tolist(), counts.tolist()))
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            entries = gather_object(entries)
+        merged: dict[str, list[tuple[float, float]]] = {}
+        for key, value, count in entries:
+            merged.setdefault(key, []).append((value, count))
+        for key, parts in merged.items():
+            if len(parts) > 1:
+                values = torch.tensor([v for v, _ in parts], dtype=torch.float64)
+                sizes = torch.tensor([n for _, n in parts], dtype=torch.float64)
+                parts = [(float(pool_log_means(values, sizes)), float(sizes.sum()))]
+            value, count = parts[0]
             history = self.log_z_state.setdefault(key, [])
             history.append((value, count))
             if window:
@@ -549,12 +569,17 @@ class BayesTrainer(RolloutTrainer):
         reward_now = pseudo_reward(cfg.divergence, log_p, per_sample_log_z, log_pi, log_q)
         reward_now = torch.where(per_sample_log_z.isfinite(), reward_now, torch.zeros_like(reward_now))
         ratio = torch.exp(log_pi - log_q)
+        # batch-wide statistics over every rank's samples (a context's samples stay on one rank)
+        all_rewards, _ = self.gather_generation(reward_now)
+        all_ratios, _ = self.gather_generation(ratio)
         if cfg.divergence == "fkl":
             coefficient = torch.ones(n, dtype=torch.float64)
-        else:  # c = E_π[R·q/π] by self-normalised IS, per context (or batch)
+        elif cfg.conditional:  # c = E_π[R·q/π] by self-normalised IS, per context (or batch)
             coefficient = reward_now.view(shape).sum(-1) / ratio.view(shape).sum(-1)
-            coefficient = coefficient.repeat_interleave(size) if cfg.conditional else coefficient.expand(n)
-        batch_mean = float(reward_now.mean())
+            coefficient = coefficient.repeat_interleave(size)
+        else:
+            coefficient = (all_rewards.sum() / all_ratios.sum()).expand(n)
+        batch_mean = float(all_rewards.mean())
         if cfg.baseline == "moving_average":
             used = self.baseline_value if self.baseline_value is not None else batch_mean
             self.baseline_value = float(

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import ProgressCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+if TYPE_CHECKING:
+    from transformers import Trainer
 
 
 class TimeLimitCallback(TrainerCallback):
@@ -45,3 +51,135 @@ class JsonlMetricsCallback(TrainerCallback):
         }
         with path.open("a") as f:
             f.write(json.dumps(record, default=float) + "\n")
+
+
+# Progress-bar label -> metric names (regular expressions) tried in order; the first logged one is shown.
+KEY_METRICS: tuple[tuple[str, str], ...] = (
+    ("loss", r"^loss$"),
+    ("reward", r"^reward$"),
+    ("acc", r"^rewards/correctness/mean$|accuracy$"),
+    ("kl", r"(^|/)kl($|_)"),
+    ("logZ", r"(^|/)log_z$"),
+    ("entropy", r"^entropy$"),
+    ("len", r"^completions/mean_length$"),
+)
+
+
+def key_metrics(logs: dict[str, Any]) -> dict[str, float]:
+    """The few numbers worth a glance during training, picked from one logged metrics dict."""
+    shown: dict[str, float] = {}
+    for label, pattern in KEY_METRICS:
+        for name, value in logs.items():
+            if isinstance(value, (int, float)) and math.isfinite(value) and re.search(pattern, name):
+                shown[label] = float(value)
+                break
+    return shown
+
+
+class MetricsProgressCallback(ProgressCallback):
+    """transformers' tqdm bar with the key metrics (reward, accuracy, KL, ..., seconds per step) as its
+    postfix, updated at every log, instead of a printed dict per log (metrics.jsonl keeps them all)."""
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw):
+        super().on_train_begin(args, state, control, **kw)
+        self._last = (time.monotonic(), state.global_step)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        if "train_runtime" in logs:  # the end-of-training summary: print it as transformers does
+            return super().on_log(args, state, control, logs=logs, **kw)
+        postfix = {k: f"{v:.4g}" for k, v in key_metrics(logs).items()}
+        now, step = time.monotonic(), state.global_step
+        if step > self._last[1]:
+            postfix["s/step"] = f"{(now - self._last[0]) / (step - self._last[1]):.3g}"
+        self._last = (now, step)
+        self.training_bar.set_postfix(postfix, refresh=True)
+
+
+class CompletionsTableCallback(TrainerCallback):
+    """At each log, send the rows added to `<output_dir>/completions.jsonl` since the last one to the
+    `report_to` integrations: a `wandb.Table` named `completions` and a TensorBoard text summary
+    `completions` (a markdown table), at most `max_rows` rows per log, texts cut at `max_chars`."""
+
+    COLUMNS = ("step", "prompt", "completion", "reward", "advantage", "finish_reason")
+
+    def __init__(self, tensorboard: TrainerCallback | None = None, max_rows: int = 64, max_chars: int = 500):
+        self.tensorboard = tensorboard  # transformers' TensorBoardCallback: its writer is reused
+        self.max_rows, self.max_chars = max_rows, max_chars
+        self.offset = 0
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw):
+        # a resumed run has already sent the rows before this point
+        path = Path(args.output_dir) / "completions.jsonl"
+        self.offset = path.stat().st_size if path.exists() else 0
+
+    def _new_rows(self, args: TrainingArguments) -> list[dict[str, Any]]:
+        path = Path(args.output_dir) / "completions.jsonl"
+        if not path.exists():
+            return []
+        with path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # only whole lines; a partial one is read next time
+        self.offset += end
+        return [json.loads(line) for line in data[:end].decode().splitlines() if line.strip()]
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw):
+        if not state.is_world_process_zero:
+            return
+        rows = self._new_rows(args)[: self.max_rows]
+        if not rows:
+            return
+        names = sorted({name for row in rows for name in row.get("rewards", {})})
+        columns = [*self.COLUMNS, *(f"rewards/{n}" for n in names)]
+        table = [
+            [_cut(row.get(c), self.max_chars) for c in self.COLUMNS]
+            + [row.get("rewards", {}).get(n) for n in names]
+            for row in rows
+        ]
+        writer = getattr(self.tensorboard, "tb_writer", None)
+        if writer is not None:
+            writer.add_text("completions", _markdown_table(columns, table), state.global_step)
+            writer.flush()
+        if "wandb" in args.report_to:
+            import wandb
+
+            if wandb.run is not None:
+                # transformers' WandbCallback plots everything against train/global_step
+                wandb.run.log(
+                    {
+                        "completions": wandb.Table(columns=columns, data=table),
+                        "train/global_step": state.global_step,
+                    }
+                )
+
+
+def _cut(value: Any, limit: int) -> Any:
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + "…"
+    return value
+
+
+def _markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        text = f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)
+        return text.replace("|", "\\|").replace("\n", "⏎ ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def attach_run_callbacks(trainer: Trainer) -> None:
+    """Swap transformers' progress bar for `MetricsProgressCallback` (when the bar is on) and add a
+    `CompletionsTableCallback` when `report_to` includes tensorboard or wandb."""
+    from transformers.integrations import TensorBoardCallback
+
+    callbacks = trainer.callback_handler.callbacks
+    if any(type(cb) is ProgressCallback for cb in callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(MetricsProgressCallback())
+    tensorboard = next((cb for cb in callbacks if isinstance(cb, TensorBoardCallback)), None)
+    if tensorboard is not None or "wandb" in trainer.args.report_to:
+        trainer.add_callback(CompletionsTableCallback(tensorboard))

@@ -28,7 +28,6 @@ this file holds the sampling and the orchestration.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -38,8 +37,8 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from reasoning.data.templates import encode, find_last, scoring_ids
-from reasoning.models.scoring import span_token_logprobs
+from reasoning.data.templates import add_posterior_prompts, encode, scoring_ids, split_trace
+from reasoning.models.scoring import final_states, span_token_logprobs, states_token_logprobs
 from reasoning.objectives.covrl import (
     behaviour_logprobs,
     composite_clipped_surrogate,
@@ -49,7 +48,7 @@ from reasoning.objectives.covrl import (
     sample_sources,
     selective_nll,
 )
-from reasoning.objectives.logprobs import masked_mean, masked_sum, token_logprobs_from_hidden
+from reasoning.objectives.logprobs import masked_mean, masked_sum
 from reasoning.objectives.policy import aggregate_loss, clipped_surrogate
 from reasoning.objectives.variational import normalized_weights
 from reasoning.rewards.likelihood import (
@@ -66,8 +65,8 @@ from reasoning.rewards.likelihood import (
     verifree_answer_nll,
     verifree_reward,
 )
-from reasoning.rollout import Rollout, Sampling
-from reasoning.trainers.base import RolloutTrainer, RolloutTrainerConfig
+from reasoning.rollout import Rollout
+from reasoning.trainers.base import RolloutTrainer, RolloutTrainerConfig, is_peft_model
 
 REWARDS = ("covrl", "verifree", "rlpr", "jepo", "nover", "latro", "verifier")
 SOURCES = ("prior", "posterior")
@@ -260,9 +259,9 @@ class CoVRLTrainer(RolloutTrainer):
         if cfg.reward == "verifier" and not self.reward_funcs:
             raise ValueError("covrl.reward = verifier needs at least one reward function (reward.functions)")
         self.ref_model = ref_model
-        if cfg.reward == "latro" and ref_model is None:
-            self.ref_model = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval()
-            self.ref_model.requires_grad_(False)
+        peft = is_peft_model(self.accelerator.unwrap_model(self.model))
+        if cfg.reward == "latro" and ref_model is None and not peft:
+            self.ref_model = self.policy_copy()  # under ZeRO-3: a partitioned inference engine
         self.rlpr_threshold = 0.0
         tokenizer = self.processing_class
         self._marker_ids = encode(tokenizer, self.template.answer_prefix)
@@ -278,36 +277,34 @@ class CoVRLTrainer(RolloutTrainer):
                     f"covrl needs the column {column!r} in the training data; it has {dataset.column_names}"
                 )
         dataset = super()._prepare_prompts(dataset, tokenizer)
-
-        def add_posterior(row: dict[str, Any]) -> dict[str, Any]:
-            text = template.posterior_prompt(
-                row["question"], str(row[cfg.hint_column]), tokenizer, hint_after=cfg.hint_after
-            )
-            return {"posterior_prompt": text, "posterior_prompt_ids": encode(tokenizer, text)}
-
-        dataset = dataset.map(add_posterior)
-        if cfg.max_prompt_length:
-            dataset = dataset.filter(lambda row: len(row["posterior_prompt_ids"]) <= cfg.max_prompt_length)
-        return dataset
+        return add_posterior_prompts(
+            dataset, template, tokenizer, cfg.hint_column, cfg.hint_after, cfg.max_prompt_length
+        )
 
     # ------------------------------------------------------------------ hybrid sampling
     def hybrid_sources(self, num_groups: int) -> torch.Tensor:
-        """Which rollouts the prior samples, `bool [num_groups, G]`, seeded by the step (a resume repeats it)."""
-        seed = self.args.seed + 7919 * self.state.global_step + 104729 * self.args.process_index
+        """Which rollouts the prior samples, `bool [num_groups, G]`, seeded by the step (a resume repeats it).
+
+        Drawn for the global generation batch and sliced to this rank's groups, so a prompt's sources
+        do not depend on the number of ranks.
+        """
+        seed = self.args.seed + 7919 * self.state.global_step
         generator = torch.Generator().manual_seed(seed)
-        size = self.config.num_generations
-        flags = sample_sources(num_groups, size, self.config.alpha, self.config.sampling_level, generator)
-        return flags.view(num_groups, size)
+        size, world = self.config.num_generations, self.args.world_size
+        cfg = self.config
+        flags = sample_sources(num_groups * world, size, cfg.alpha, cfg.sampling_level, generator)
+        first = self.args.process_index * num_groups
+        return flags.view(num_groups * world, size)[first : first + num_groups]
 
     def generate(self, rows: list[dict[str, Any]]) -> list[list[Rollout]]:
         """G rollouts per prompt, each from the prior or the posterior prompt as `hybrid_sources` says.
 
         Always one engine call (each call costs a full decoding loop, which dominates on small
         models). When every group has a single source (per-group sampling, α ∈ {0, 1}) the call
-        takes one prompt per group with n = G and the step's seed, as the base does. Otherwise it
-        takes one prompt per rollout with n = 1 and no per-request seed: a seeded request
-        repeats its sample for identical prompts (vLLM seeds each request's generator), so the
-        engine's own generator draws them (reproducible from a fresh start, not across a resume).
+        takes one prompt per group with n = G and the group's seed (`prompt_seeds`), as the base
+        does. Otherwise it takes one prompt per rollout with n = 1, rollout j of a group seeded with
+        the group's seed + j (what vLLM gives the j-th of n samples): distinct seeds, since a request
+        seeded alike would repeat its sample for identical prompts.
         Each rollout carries `extra["from_prior"]`; within a group the rollouts keep the drawn positions.
         """
         self.sync_engine()
@@ -315,14 +312,16 @@ class CoVRLTrainer(RolloutTrainer):
         sources = self.hybrid_sources(len(rows))
         keys = {True: "prompt_ids", False: "posterior_prompt_ids"}
         sampling = self.generation_sampling()
+        seeds = self.prompt_seeds(len(rows))
+        size = self.config.num_generations
         if bool((sources == sources[:, :1]).all()):
             prompts = [row[keys[bool(flags[0])]] for row, flags in zip(rows, sources)]
-            groups = self.engine.generate(prompts, sampling, n=self.config.num_generations)
+            groups = self.engine.generate(prompts, sampling, n=size, seeds=seeds)
         else:
             prompts = [row[keys[flag]] for row, flags in zip(rows, sources.tolist()) for flag in flags]
-            unseeded = Sampling(**{**sampling.__dict__, "seed": None})
-            flat = [group[0] for group in self.engine.generate(prompts, unseeded, n=1)]
-            size = self.config.num_generations
+            if seeds is not None:
+                seeds = [seed + j for seed in seeds for j in range(size)]
+            flat = [group[0] for group in self.engine.generate(prompts, sampling, n=1, seeds=seeds)]
             groups = [flat[i * size : (i + 1) * size] for i in range(len(rows))]
         for i, (group, flags) in enumerate(zip(groups, sources.tolist())):
             for rollout, from_prior in zip(group, flags):
@@ -338,11 +337,9 @@ class CoVRLTrainer(RolloutTrainer):
         Without a marker the whole completion (minus the stop token) is the trace; y* is then
         appended after it with the template's answer prefix all the same.
         """
-        ids = list(rollout.completion_ids)
-        if rollout.finish_reason == "stop" and ids and ids[-1] in self._stop_ids:
-            ids = ids[:-1]
-        cut = find_last(ids, self._marker_ids) if self._marker_ids else -1
-        return (ids[:cut], True) if cut >= 0 else (ids, False)
+        return split_trace(
+            rollout.completion_ids, self._marker_ids, self._stop_ids, rollout.finish_reason == "stop"
+        )
 
     def _well_formed(self, rollout: Rollout) -> bool:
         _, answer = self.template.split_completion(rollout.text)
@@ -406,15 +403,17 @@ class CoVRLTrainer(RolloutTrainer):
             rows, rewards, answer_logp, answer_mask, truncated, trace_lengths, old, batch
         )
         self._metrics["time/answer_scoring"].append(time.monotonic() - start)
+        # on every rank's rewards: `batch` scaling and the RLPR threshold use the global batch
+        everyone, mine = self.gather_generation(total)
         advantages = group_baseline_advantages(
-            total, cfg.num_generations, baseline=cfg.baseline, scale=cfg.scale_advantages
-        )
+            everyone, cfg.num_generations, baseline=cfg.baseline, scale=cfg.scale_advantages
+        )[mine]
         if cfg.reward == "rlpr" and cfg.rlpr_std_filter:
             keep = rlpr_std_filter(total, cfg.num_generations, self.rlpr_threshold)
             self.record("rlpr/kept_fraction", keep.float().mean())
             self.record("rlpr/threshold", self.rlpr_threshold)
             self.rlpr_threshold = ema_threshold(
-                self.rlpr_threshold, group_reward_std(total, cfg.num_generations), cfg.rlpr_filter_momentum
+                self.rlpr_threshold, group_reward_std(everyone, cfg.num_generations), cfg.rlpr_filter_momentum
             )
             advantages = advantages * keep
         batch["advantages"] = advantages
@@ -512,7 +511,11 @@ class CoVRLTrainer(RolloutTrainer):
         assert old is not None
         trace_mask = batch["trace_mask"].float()
         trace_logp = masked_sum(old[0], trace_mask, dim=-1)
-        reference, _ = self._passes_without_grad(self.ref_model, batch, posterior=False)
+        if self.ref_model is None:  # a PEFT policy: π₀ is its base, run with the adapters disabled
+            with self.accelerator.unwrap_model(self.model).disable_adapter():
+                reference, _ = self._passes_without_grad(self.model, batch, posterior=False)
+        else:
+            reference, _ = self._passes_without_grad(self.ref_model, batch, posterior=False)
         reference_logp = masked_sum(reference, trace_mask, dim=-1)
         self.record("latro/trace_log_ratio", (trace_logp - reference_logp).mean())
         return latro_reward(answer_logp, answer_mask, trace_logp, reference_logp, cfg.latro_beta, **flags)
@@ -631,20 +634,16 @@ class CoVRLTrainer(RolloutTrainer):
                 torch.nn.functional.pad(batch["answer_attention"].to(device), (0, right), value=0)
             )
         input_ids, attention = torch.cat(rows_ids), torch.cat(rows_mask)
-        out = model(
-            input_ids=input_ids, attention_mask=attention, logits_to_keep=1, output_hidden_states=True
-        )
-        hidden = out.hidden_states[-1]
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        bias = getattr(head, "bias", None)
+        # hidden states, or logits under ZeRO-3 (the head weight is a partition outside the forward)
+        unwrapped = self.accelerator.unwrap_model(model)
+        states, head, _ = final_states(model, unwrapped, input_ids, attention, width)
         temperature = self.sampling.temperature if self.sampling.temperature > 0 else 1.0
         templates = len(ids)
-        # position t's hidden state predicts token t + 1
-        logp, _ = token_logprobs_from_hidden(
-            hidden[: templates * size, width - steps - 1 : width - 1],
-            head.weight,
+        # position t's state predicts token t + 1
+        logp, _ = states_token_logprobs(
+            states[: templates * size, width - steps - 1 : width - 1],
+            head,
             completion.repeat(templates, 1),
-            bias=bias,
             temperature=temperature,
             chunk_size=self.config.logprob_chunk_size,
         )
@@ -653,11 +652,10 @@ class CoVRLTrainer(RolloutTrainer):
             result["posterior"] = logp[size:]
         if answer:
             answer_ids = input_ids[templates * size :]
-            result["answer"], _ = token_logprobs_from_hidden(
-                hidden[templates * size :, :-1],
-                head.weight,
+            result["answer"], _ = states_token_logprobs(
+                states[templates * size :, :-1],
+                head,
                 answer_ids[:, 1:],
-                bias=bias,
                 chunk_size=self.config.logprob_chunk_size,
             )
             targets = batch["answer_targets"].to(device)

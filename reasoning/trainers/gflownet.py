@@ -48,7 +48,6 @@ calibrated sampler), `gfn/log_reward`, `reward` (the task reward), `gfn/accuracy
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import random
 from collections import defaultdict
@@ -59,10 +58,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from reasoning.data.templates import encode, scoring_ids
 from reasoning.eval.scaling import distinct_correct, find_first, pairwise_diversity
-from reasoning.models.scoring import span_token_logprobs
+from reasoning.models.scoring import final_states, span_token_logprobs, states_token_logprobs
 from reasoning.objectives.gflownet import (
     detailed_balance,
     modified_subtrajectory_balance,
@@ -70,10 +70,9 @@ from reasoning.objectives.gflownet import (
     subtrajectory_balance,
     trajectory_balance,
 )
-from reasoning.objectives.logprobs import token_logprobs_from_hidden
 from reasoning.rewards.verifier import is_correct
 from reasoning.rollout import Rollout, Sampling
-from reasoning.trainers.base import RolloutTrainer, RolloutTrainerConfig, call_reward_functions
+from reasoning.trainers.base import RolloutTrainer, RolloutTrainerConfig
 
 LOSSES = ("tb", "subtb", "db", "modified_subtb")
 REWARDS = ("verifier", "likelihood", "product")
@@ -374,6 +373,16 @@ class _Trajectory:
     terminated: bool  # ⊤ was taken at position n
 
 
+class _HeadOptimizerStep(TrainerCallback):
+    """Steps a GFlowNet trainer's head optimizer after each optimizer step (under DeepSpeed)."""
+
+    def __init__(self, trainer: GFlowNetTrainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.step_head_optimizer()
+
+
 class GFlowNetTrainer(RolloutTrainer):
     """GFlowNet objectives on engine rollouts with replay and tempered exploration (module docstring)."""
 
@@ -401,6 +410,9 @@ class GFlowNetTrainer(RolloutTrainer):
         elif cfg.loss in ("subtb", "db"):
             heads["flow"] = MLPHead(hidden, cfg.head_hidden_size, cfg.log_z_init)
         self.heads = nn.ModuleDict(heads).to(self.args.device)
+        # under DeepSpeed the heads have an optimizer of their own (`create_optimizer`)
+        self.head_optimizer: torch.optim.Optimizer | None = None
+        self._head_optimizer_state: dict[str, Any] | None = None
         self.replay = ReplayBuffer(cfg.replay_capacity, cfg.replay_edit_distance)
         self.base_model = None
         if cfg.reward in ("likelihood", "product") or cfg.base_prior:
@@ -428,19 +440,31 @@ class GFlowNetTrainer(RolloutTrainer):
             if not peft:
                 raise ValueError("likelihood_model: disable_adapter needs a PEFT model")
             return model  # scored under `disable_adapter()`
-        frozen = copy.deepcopy(model).eval()
-        frozen.requires_grad_(False)
-        return frozen
+        return self.policy_copy()  # under ZeRO-3: a partitioned inference engine
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
         """The model's optimizer plus one group for the log Z / flow heads at `log_z_lr`.
 
         transformers zeroes only the model's gradients (`model.zero_grad()`), so the heads' are
-        zeroed after every optimizer step by a hook (and averaged over ranks before it).
+        zeroed after every optimizer step by a hook (and averaged over ranks before it). Under
+        DeepSpeed the heads get an optimizer of their own instead (`step_head_optimizer`; its state
+        is in `trainer_extra_state`).
         """
         optimizer = super().create_optimizer(model)
         params = [p for p in self.heads.parameters() if p.requires_grad]
+        if params and self.is_deepspeed_enabled:
+            # DeepSpeed's ZeRO optimizers take over every group and hold only the engine's parameters
+            # (ZeRO-3 rejects others): the heads get a torch optimizer of their own (the Trainer's
+            # class), stepped after the engine's step; the model's checkpoint stays a plain one.
+            if self.head_optimizer is None:
+                cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+                kwargs = {**kwargs, "lr": self.config.log_z_lr, "weight_decay": 0.0}
+                self.head_optimizer = cls(params, **kwargs)
+                if self._head_optimizer_state is not None:
+                    self.head_optimizer.load_state_dict(self._head_optimizer_state)
+                self.add_callback(_HeadOptimizerStep(self))
+            return optimizer
         if params and not any(group.get("gflownet_heads") for group in optimizer.param_groups):
             optimizer.add_param_group(
                 {"params": params, "lr": self.config.log_z_lr, "weight_decay": 0.0, "gflownet_heads": True}
@@ -448,6 +472,26 @@ class GFlowNetTrainer(RolloutTrainer):
             optimizer.register_step_pre_hook(self._reduce_head_grads)
             optimizer.register_step_post_hook(lambda *_: self.heads.zero_grad(set_to_none=True))
         return optimizer
+
+    def step_head_optimizer(self) -> None:
+        """Under DeepSpeed: one step of the heads' own optimizer (after the engine's), at `log_z_lr`
+        times the model's schedule factor λ(k) for this step k (what a param group under the Trainer's
+        LambdaLR gets). λ is read from the schedule, not from the current lr: DeepSpeed steps the
+        scheduler inside its engine step, before this runs."""
+        self._reduce_head_grads()
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate's wrapper
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if not lambdas:
+            raise ValueError(
+                f"lr_scheduler_type {self.args.lr_scheduler_type!r} is not a LambdaLR schedule; under "
+                "DeepSpeed the GFlowNet heads follow the model's schedule through its λ(step): use "
+                "linear, cosine, constant or another transformers LambdaLR schedule"
+            )
+        factor = lambdas[0](self.state.global_step)
+        for group in self.head_optimizer.param_groups:
+            group["lr"] = self.config.log_z_lr * factor
+        self.head_optimizer.step()
+        self.heads.zero_grad(set_to_none=True)
 
     def _reduce_head_grads(self, *_: Any) -> None:
         if self.accelerator.num_processes <= 1:
@@ -458,6 +502,8 @@ class GFlowNetTrainer(RolloutTrainer):
 
     def head_param_group(self) -> dict[str, Any] | None:
         """The optimizer group of the log Z / flow heads (None before the optimizer exists)."""
+        if self.head_optimizer is not None:
+            return self.head_optimizer.param_groups[0]
         if self.optimizer is None:
             return None
         return next((g for g in self.optimizer.param_groups if g.get("gflownet_heads")), None)
@@ -477,14 +523,18 @@ class GFlowNetTrainer(RolloutTrainer):
             cfg.reward_temperature_schedule,
         )
 
-    def _rng(self, salt: int) -> random.Random:
-        """A generator seeded by (seed, step, rank, salt): a resume repeats the same behaviour choices."""
-        return random.Random(f"{self.args.seed}-{self.state.global_step}-{self.args.process_index}-{salt}")
+    def _rng(self, salt: int, per_rank: bool = True) -> random.Random:
+        """A generator seeded by (seed, step, rank, salt): a resume repeats the same behaviour choices.
+        `per_rank=False` leaves the rank out (every rank draws alike, as one process would)."""
+        rank = self.args.process_index if per_rank else "all"
+        return random.Random(f"{self.args.seed}-{self.state.global_step}-{rank}-{salt}")
 
     def choose_behaviour(self) -> tuple[str, float]:
         """(mode, sampling temperature) of this generation: on_policy, tempered or replay."""
         cfg = self.config
-        rng = self._rng(1)
+        # one behaviour per generation for all ranks: a generation's prompts are sampled alike
+        # whatever the number of ranks (replay still needs this rank's buffer to be non-empty)
+        rng = self._rng(1, per_rank=False)
         u = rng.random()
         if u < cfg.replay_probability and self.replay.prompts():
             return "replay", self.sampling.temperature
@@ -595,7 +645,7 @@ class GFlowNetTrainer(RolloutTrainer):
                     if key not in ("prompt", "prompt_ids")
                 }
                 columns["trainer_state"] = self.state
-                table = call_reward_functions(
+                table = self.call_rewards(
                     self.reward_funcs,
                     [r["prompt"] for r in flat_rows],
                     [text for _, _, text in jobs],
@@ -788,23 +838,17 @@ class GFlowNetTrainer(RolloutTrainer):
         prompt_ids, completion_ids = batch["prompt_ids"].to(device), batch["completion_ids"].to(device)
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1).to(device)
-        out = model(
-            input_ids=input_ids, attention_mask=attention, logits_to_keep=1, output_hidden_states=True
-        )
         width = completion_ids.shape[1]
-        hidden = out.hidden_states[-1][:, -width - 1 :]  # position of s_k predicts token k
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        bias = getattr(head, "bias", None)
-        chunk = self.config.logprob_chunk_size
-        log_pf, _ = token_logprobs_from_hidden(
-            hidden[:, :-1], head.weight, completion_ids, bias=bias, chunk_size=chunk
+        # position of s_k predicts token k; logits instead of hidden states under ZeRO-3 (`final_states`)
+        states, head, hidden = final_states(
+            model, self.accelerator.unwrap_model(model), input_ids, attention, width + 1
         )
+        chunk = self.config.logprob_chunk_size
+        log_pf, _ = states_token_logprobs(states[:, :-1], head, completion_ids, chunk_size=chunk)
         log_terminal = None
         if with_terminal:
             stop = torch.full(hidden.shape[:2], self.terminal_id, dtype=torch.long, device=device)
-            log_terminal, _ = token_logprobs_from_hidden(
-                hidden, head.weight, stop, bias=bias, chunk_size=chunk
-            )
+            log_terminal, _ = states_token_logprobs(states, head, stop, chunk_size=chunk)
         return log_pf, log_terminal, hidden
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -856,10 +900,17 @@ class GFlowNetTrainer(RolloutTrainer):
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_extra_state(self) -> dict[str, Any]:
-        return {"heads": self.heads.state_dict(), "replay": self.replay.state_dict()}
+        state = {"heads": self.heads.state_dict(), "replay": self.replay.state_dict()}
+        if self.head_optimizer is not None:  # DeepSpeed: the heads' optimizer is not in its checkpoint
+            state["head_optimizer"] = self.head_optimizer.state_dict()
+        return state
 
     def load_trainer_extra_state(self, state: dict[str, Any]) -> None:
         if "heads" in state:
             self.heads.load_state_dict(state["heads"])
         if "replay" in state:
             self.replay.load_state_dict(state["replay"])
+        if "head_optimizer" in state:  # loaded when the optimizer is created (after this, in `train`)
+            self._head_optimizer_state = state["head_optimizer"]
+            if self.head_optimizer is not None:
+                self.head_optimizer.load_state_dict(state["head_optimizer"])

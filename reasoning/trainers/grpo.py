@@ -14,7 +14,6 @@ when `accuracy_debiased` (every solved question then weighs the same, whatever i
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,8 +87,7 @@ class GRPOTrainer(RolloutTrainer):
         super().__init__(*args, **kwargs)
         self.ref_model = ref_model
         if self.config.beta > 0 and ref_model is None and not is_peft_model(self.model):
-            self.ref_model = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval()
-            self.ref_model.requires_grad_(False)
+            self.ref_model = self.policy_copy()  # under ZeRO-3: a partitioned inference engine
 
     def build_batch(
         self, rows: list[dict[str, Any]], groups: list[list[Rollout]], rewards: torch.Tensor
@@ -109,7 +107,9 @@ class GRPOTrainer(RolloutTrainer):
             solved = weights.view(-1, size).sum(dim=1, keepdim=True) > 0
             batch["advantages"] = ((weights.view(-1, size) - 1.0) * solved).view(-1)
         else:
-            batch["advantages"] = group_advantages(total, size, scale=self.config.scale_rewards)
+            # on every rank's rewards: `batch` scaling divides by the std of the global batch
+            everyone, mine = self.gather_generation(total)
+            batch["advantages"] = group_advantages(everyone, size, scale=self.config.scale_rewards)[mine]
         if self.config.mask_truncated_completions:
             batch["completion_mask"] = batch["completion_mask"] * (~batch["truncated"]).unsqueeze(1).long()
         if self.config.beta > 0:

@@ -48,6 +48,9 @@ from reasoning.objectives.latent import (
     reparameterize,
 )
 from reasoning.objectives.logprobs import token_logprobs_from_logits
+from reasoning.trainers.base import reduce_metrics
+from reasoning.trainers.checkpoint import ResumableTrainer
+from reasoning.trainers.nonfinite import NonFiniteLossGuard
 
 
 @dataclass
@@ -109,6 +112,13 @@ class DualRateConfig:
         default=2, metadata={"help": "Solved training examples before the question in a few-shot prompt."}
     )
     answer_max_tokens: int = field(default=48, metadata={"help": "Tokens decoded per few-shot answer."})
+    max_nonfinite_losses: int = field(
+        default=3,
+        metadata={
+            "help": "An optimizer step in which any micro-batch's loss is NaN/inf is skipped whole (metric "
+            "train/nonfinite_loss_skipped); training stops with an error after more than this many in a row."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.fast_steps < 1:
@@ -210,6 +220,7 @@ def fit_posterior(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     final_eval: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> PosteriorFit:
     """The fast loop: fit q(z|x) = N(μ, diag σ²) to each sequence of `input_ids [B, T]` by AdamW.
 
@@ -220,14 +231,21 @@ def fit_posterior(
     respect to (μ, log σ²) alone: the decoder's parameters and their `.grad` are left exactly as they
     were. Runs with gradients enabled even inside `torch.no_grad()`; the model's train/eval mode
     is not changed. Returns detached μ, log σ² (float32) and the NELBO trace; with `final_eval` the
-    trace ends with the NELBO after the last step (one more forward pass).
+    trace ends with the NELBO after the last step (one more forward pass). `shard = (rank, world)`:
+    the random initialisations are drawn for a batch of world × B sequences and rows rank·B … are
+    kept, so under data parallelism (generators seeded alike) a sequence gets the draws one process
+    with the whole batch would give it.
     """
     model = _unwrap(model)
     shape = (input_ids.shape[0], *_latent_shape(model))
     device = input_ids.device
+    rank, world = shard
 
     def draw() -> torch.Tensor:
-        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        full = torch.randn(
+            (shape[0] * world, *shape[1:]), generator=generator, device=device, dtype=torch.float32
+        )
+        return full[rank * shape[0] : (rank + 1) * shape[0]]
 
     mu = (init_scale * draw() if init_scale else torch.zeros(shape, device=device)).requires_grad_()
     logvar = (init_logvar + init_logvar_noise * draw()).requires_grad_()
@@ -442,7 +460,7 @@ class LatentThoughtCollator:
 # ------------------------------------------------------------------------------------ trainer
 
 
-class LatentThoughtTrainer(Trainer):
+class LatentThoughtTrainer(NonFiniteLossGuard, ResumableTrainer, Trainer):
     """Dual-rate training of a latent-thought decoder (see the module docstring).
 
     Each micro-batch: `infer_latents` runs the fast loop and puts z = sg(μ + σε) into the inputs;
@@ -476,7 +494,13 @@ class LatentThoughtTrainer(Trainer):
         """The fast loop on this micro-batch: `inputs` plus `latents` (z, detached) and `latent_kl` `[B]`."""
         decoder = self.accelerator.unwrap_model(model)
         ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
-        noise = torch.randn((ids.shape[0], *_latent_shape(decoder)), device=ids.device)
+        # Every rank draws the noise of the whole global micro-batch (the ranks' generators are seeded
+        # alike) and keeps its own rows: rank r's samples get the noise one process would give them,
+        # and the ranks do not reuse one another's noise.
+        rows, rank = ids.shape[0], self.accelerator.process_index
+        noise = torch.randn(
+            (rows * self.accelerator.num_processes, *_latent_shape(decoder)), device=ids.device
+        )[rank * rows : (rank + 1) * rows]
         with self._no_sync(model), self.compute_loss_context_manager():
             fit = fit_posterior(
                 decoder,
@@ -485,6 +509,7 @@ class LatentThoughtTrainer(Trainer):
                 labels=labels,
                 noise=noise,
                 final_eval=False,
+                shard=(rank, self.accelerator.num_processes),
                 **self.dual_rate.fit_kwargs(),
             )
         tokens = scored_token_mask(ids, mask, labels).sum().clamp(min=1)
@@ -515,7 +540,14 @@ class LatentThoughtTrainer(Trainer):
         self._record("latent/nll", nll.detach().sum() / tokens)
         self._record("latent/kl", kl.sum() / tokens)
         self._record("latent/nelbo_end", (nll.detach() + self.dual_rate.kl_weight * kl).sum() / tokens)
+        if model.training:  # a NaN/inf loss skips the whole optimizer step (NonFiniteLossGuard)
+            loss = self.skip_nonfinite_loss(model, loss)
         return (loss, outputs) if return_outputs else loss
+
+    @property
+    def max_nonfinite_losses(self) -> int:
+        """`NonFiniteLossGuard`'s limit of skipped optimizer steps in a row, from the config."""
+        return self.dual_rate.max_nonfinite_losses
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation loss: NELBO per scored token after the fast loop (exp of it bounds perplexity)."""
@@ -537,11 +569,7 @@ class LatentThoughtTrainer(Trainer):
         self._metrics[name].append(float(value))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        averaged = {}
-        for name, values in sorted(self._metrics.items()):
-            if values:
-                tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
-                averaged[name] = self.accelerator.reduce(tensor.mean(), reduction="mean").item()
+        averaged = reduce_metrics(self.accelerator, self._metrics)
         self._metrics.clear()
         super().log({**logs, **averaged}, start_time)
 

@@ -10,6 +10,7 @@ by its weight.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from reasoning.data.templates import Template, template_for
 from reasoning.objectives.logprobs import token_logprobs_from_logits
+from reasoning.trainers.checkpoint import ResumableTrainer
+from reasoning.trainers.nonfinite import NonFiniteLossGuard
 
 
 @dataclass
@@ -42,6 +45,30 @@ class SFTConfig:
         default=False, metadata={"help": "Posterior order: answer first, then the explaining trace."}
     )
     hint_column: str = field(default="answer", metadata={"help": "Column used as the posterior's hint."})
+    posterior_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of samples given the hinted posterior prompt instead of the prior one (chosen by a "
+            "hash of the question), so one network learns both templates: the warm-up CoVRL assumes."
+        },
+    )
+
+    max_nonfinite_losses: int = field(
+        default=3,
+        metadata={
+            "help": "An optimizer step in which any micro-batch's loss is NaN/inf is skipped whole (metric "
+            "train/nonfinite_loss_skipped); training stops with an error after more than this many in a row."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.posterior_fraction <= 1.0:
+            raise ValueError(f"sft.posterior_fraction must be in [0, 1], got {self.posterior_fraction}")
+
+
+def _hinted(question: str, fraction: float) -> bool:
+    """A deterministic per-question coin with P(True) = fraction (the same on every run and rank)."""
+    return zlib.crc32(question.encode()) / 2**32 < fraction
 
 
 def tokenize_sft(
@@ -55,13 +82,13 @@ def tokenize_sft(
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def encode_batch(rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        if config.posterior:
-            prompts = [
-                template.posterior_prompt(q, h, tokenizer, hint_after=config.hint_after)
-                for q, h in zip(rows["question"], rows[config.hint_column])
-            ]
-        else:
-            prompts = [template.prior_prompt(q, tokenizer) for q in rows["question"]]
+        fraction = 1.0 if config.posterior else config.posterior_fraction
+        prompts = [
+            template.posterior_prompt(q, h, tokenizer, hint_after=config.hint_after)
+            if _hinted(q, fraction)
+            else template.prior_prompt(q, tokenizer)
+            for q, h in zip(rows["question"], rows[config.hint_column] if fraction else rows["question"])
+        ]
         completions = [template.completion(z, y) for z, y in zip(rows["solution"], rows["answer"])]
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         completion_ids = [c + eos for c in tokenizer(completions, add_special_tokens=False)["input_ids"]]
@@ -104,7 +131,7 @@ class SFTCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weight": weights}
 
 
-class SFTTrainer(Trainer):
+class SFTTrainer(NonFiniteLossGuard, ResumableTrainer, Trainer):
     """transformers.Trainer with per-sample weights and the optional Dr. SFT normaliser.
 
     loss = Σ_i w_i Σ_t NLL_{i,t} / N, where N is the number of supervised tokens in the global
@@ -143,7 +170,14 @@ class SFTTrainer(Trainer):
                 loss = loss * self.accelerator.num_processes  # num_items_in_batch counts every rank
         else:
             loss = per_sample.sum() / mask.sum().clamp(min=1)
+        if model.training:  # a NaN/inf loss skips the whole optimizer step (NonFiniteLossGuard)
+            loss = self.skip_nonfinite_loss(model, loss)
         return (loss, outputs) if return_outputs else loss
+
+    @property
+    def max_nonfinite_losses(self) -> int:
+        """`NonFiniteLossGuard`'s limit of skipped optimizer steps in a row, from the config."""
+        return self.sft_config.max_nonfinite_losses
 
 
 def make_sft_trainer(

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,8 @@ class VariationalReasoningPipeline:
         make_engine: `(model_path, model, tokenizer) -> RolloutEngine` for sampling.
         trace_max_tokens: token budget of a sampled trace (the rollout section's `max_tokens`).
         dtype: torch dtype name the stages load models in (the model section's `dtype`).
+        lora: `peft.LoraConfig` fields (the model section's `lora`): the SFT stages then train LoRA
+            adapters and save the merged model (plus `adapter/`), which later stages load as usual.
     """
 
     def __init__(
@@ -184,6 +187,7 @@ class VariationalReasoningPipeline:
         trace_max_tokens: int = 256,
         console: Console | None = None,
         dtype: str = "float32",
+        lora: dict[str, Any] | None = None,
     ) -> None:
         missing = {"question", "answer", "solution"} - set(records.column_names)
         if missing:
@@ -205,6 +209,7 @@ class VariationalReasoningPipeline:
         self.console = console or Console(stderr=True)
         self.seed = int(self.training.get("seed", 0))
         self.dtype = getattr(torch, dtype)
+        self.lora = lora
 
     # ------------------------------------------------------------------ stage bookkeeping
     def stage_dir(self, name: str) -> Path:
@@ -253,6 +258,10 @@ class VariationalReasoningPipeline:
             values["max_steps"] = max_steps
         args = TrainingArguments(**values)
         model, tokenizer = self._load(init)
+        if self.lora is not None:
+            from reasoning.models.lora import apply_lora
+
+            model = apply_lora(model, self.lora)
         sft = SFTConfig(
             max_length=self.config.max_length,
             dr_sft=self.config.dr_sft,
@@ -264,7 +273,9 @@ class VariationalReasoningPipeline:
             model, tokenizer, records, args, sft, callbacks=[JsonlMetricsCallback(out / "metrics.jsonl")]
         )
         result = trainer.train(resume_from_checkpoint=latest_checkpoint(out))
-        trainer.save_model(str(out / "final"))
+        from reasoning.models.lora import save_trained_policy
+
+        save_trained_policy(trainer, out / "final")  # a LoRA policy: the merged model, and adapter/
         tokenizer.save_pretrained(out / "final")
         return {"path": str(out / "final"), "train_loss": result.training_loss, "samples": len(records)}
 
@@ -500,6 +511,7 @@ class VariationalReasoningPipeline:
             self.trace_max_tokens,
             self.console,
             str(self.dtype).removeprefix("torch."),
+            self.lora,
         )
         child.tokenizer = self.tokenizer
         return child
@@ -664,9 +676,14 @@ class VariationalReasoningPipeline:
             final, previous = Path(info[f"round{round_index}"]["final"]["path"]), nxt
         target = self.run_dir / "final"
         if not (target / "config.json").exists():
+            # written beside and renamed: `reasoning train` takes final/config.json as "finished"
+            partial = self.run_dir / "final.partial"
             model, tokenizer = self._load(str(final))
-            model.save_pretrained(target)
-            tokenizer.save_pretrained(target)
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(partial, target)
         (self.run_dir / "pipeline.json").write_text(
             json.dumps({"config": dataclasses.asdict(self.config), "stages": info}, indent=2, default=str)
         )

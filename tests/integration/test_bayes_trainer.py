@@ -198,7 +198,7 @@ def test_offline_proposal_updates_and_state_survives_checkpoint(trained_tiny_dir
         beta=1.0,
         baseline="moving_average",
     )
-    restored._load_from_checkpoint(str(checkpoint))
+    restored.restore_checkpoint_state(checkpoint)  # what train(resume_from_checkpoint=...) calls
     assert restored.log_z_state == trainer.log_z_state and len(restored.log_z_state) == 4
     assert restored.baseline_value == trainer.baseline_value is not None
     assert restored.proposal_updates == 2 and restored._proposal_dirty

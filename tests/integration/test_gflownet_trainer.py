@@ -13,6 +13,7 @@ from reasoning.data.templates import encode
 from reasoning.rewards.verifier import correctness, is_correct
 from reasoning.rollout import Sampling
 from reasoning.rollout.hf import HFEngine
+from reasoning.trainers.checkpoint import EXTRA_STATE, load_state_file
 from reasoning.trainers.gflownet import (
     GFlowNetConfig,
     GFlowNetTrainer,
@@ -168,12 +169,12 @@ def test_log_z_group_replay_checkpoint_and_resume(trained_tiny_dir, tmp_path):
     )
     assert any("diversity/distinct_correct" in e and "diversity/pairwise" in e for e in logs)
     assert len(trainer.replay) > 0
-    state = torch.load(tmp_path / "run" / "checkpoint-4" / "rollout_trainer_state.pt", weights_only=False)
+    state = load_state_file(tmp_path / "run" / "checkpoint-4" / EXTRA_STATE.format(rank=0))
     assert state["extra"]["heads"]["log_z.value"].item() == pytest.approx(log_z.item())
     assert state["extra"]["replay"] == trainer.replay.state_dict()
     # the base class's resume path restores heads and buffer (train(resume_from_checkpoint=...) calls it)
     resumed = make_trainer(trained_tiny_dir, tmp_path / "run", max_steps=4, **config)
-    resumed._load_from_checkpoint(str(tmp_path / "run" / "checkpoint-4"))
+    resumed.restore_checkpoint_state(tmp_path / "run" / "checkpoint-4")
     assert resumed.replay.state_dict() == trainer.replay.state_dict()
     assert resumed.heads["log_z"].value.item() == pytest.approx(log_z.item())
     assert resumed._micro_step == trainer._micro_step
@@ -244,7 +245,7 @@ def test_replay_buffer_dedup_top_k_and_round_trip(tmp_path):
     }
     torch.save(buffer.state_dict(), tmp_path / "buffer.pt")
     restored = ReplayBuffer()
-    restored.load_state_dict(torch.load(tmp_path / "buffer.pt", weights_only=False))
+    restored.load_state_dict(torch.load(tmp_path / "buffer.pt", weights_only=True))
     assert restored.state_dict() == buffer.state_dict() and restored.capacity == 3
 
 

@@ -90,7 +90,7 @@ def test_training_steps_sync_once_per_generation_and_log(trained_tiny_dir, tmp_p
         lines[0]
     )
     assert lines[0]["rewards"]["spy_reward"] is not None and lines[1]["rewards"]["spy_reward"] is None
-    assert (tmp_path / "run" / "checkpoint-2" / "rollout_trainer_state.pt").exists()
+    assert (tmp_path / "run" / "checkpoint-2" / "trainer_extra_state_rank0.pt").exists()
 
 
 def test_one_generation_serves_two_optimizer_steps(trained_tiny_dir, tmp_path):

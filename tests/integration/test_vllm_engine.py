@@ -116,6 +116,11 @@ def test_greedy_matches_transformers(vllm_engine, hf_model, tokenizer):
     assert all(g[0].completion_ids[-1] == tokenizer.eos_token_id for g in ours)  # ... which is kept
     # greedy log-probs are the untempered ones
     assert worst_logprob_error(hf_model, ours, None) < 1e-4
+    # vLLM refuses n > 1 with greedy sampling; the engine returns n copies of the one greedy completion
+    three = vllm_engine.generate(encode(tokenizer)[:2], sampling, n=3)
+    assert [len(g) for g in three] == [3, 3]
+    for group, single in zip(three, ours):
+        assert all(r.completion_ids == single[0].completion_ids and r.text == single[0].text for r in group)
 
 
 # ----------------------------------------------------------------------------- (b) log-probs

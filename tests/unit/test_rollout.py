@@ -8,8 +8,8 @@ from reasoning.rollout import Sampling, make_engine
 def test_make_engine_rejects_unknown_and_unavailable_kinds():
     with pytest.raises(ValueError, match="choose one of hf, vllm, vllm-server"):
         make_engine("sglang", "x")
-    with pytest.raises(ValueError, match="not in this version yet"):
-        make_engine("vllm-server", "x")
+    with pytest.raises(ValueError, match="weight_sync 'rsync' is not one of checkpoint, nccl"):
+        make_engine("vllm-server", "x", weight_sync="rsync")
 
 
 def test_sampling_validates_its_fields():

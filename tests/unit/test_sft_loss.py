@@ -105,3 +105,24 @@ def test_sample_weights_scale_each_sample(tmp_path):
 def assert_relatively_close(actual, expected, tolerance=2e-3):
     """Equal up to float32 rounding of (weights after − before): ‖a − e‖ ≤ tol · ‖e‖."""
     assert (actual - expected).norm() <= tolerance * expected.norm() + 1e-9
+
+
+def test_posterior_fraction_mixes_prior_and_hinted_prompts():
+    from reasoning.data.templates import template_for
+
+    data = load_records("synthetic:addition?digits=3&n=200&seed=5&split=train")
+    _, tokenizer = build_tiny_model("1m", seed=0)
+    template = template_for(tokenizer)
+    tokenized = tokenize_sft(data, tokenizer, SFTConfig(max_length=128, posterior_fraction=0.5))
+    hinted = 0
+    for row, ids, labels in zip(data, tokenized["input_ids"], tokenized["labels"]):
+        prompt = tokenizer.decode([t for t, label in zip(ids, labels) if label == -100])
+        prior = template.prior_prompt(row["question"], tokenizer)
+        posterior = template.posterior_prompt(row["question"], row["answer"], tokenizer)
+        assert prompt in (prior, posterior)
+        hinted += prompt == posterior
+    assert 70 <= hinted <= 130  # about half, fixed per question
+    again = tokenize_sft(data, tokenizer, SFTConfig(max_length=128, posterior_fraction=0.5))
+    assert again["input_ids"] == tokenized["input_ids"]
+    with pytest.raises(ValueError, match="posterior_fraction"):
+        SFTConfig(posterior_fraction=1.5)
