@@ -791,8 +791,6 @@ def _end_distributed() -> bool:
     write the same files). Left to interpreter exit, a DeepSpeed run on CPU aborts a rank ("terminate
     called without an active exception"). A world-size-1 group (e.g. an in-process vLLM engine's) is
     left alone."""
-    import os
-
     import torch
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():

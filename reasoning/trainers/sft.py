@@ -83,11 +83,13 @@ def tokenize_sft(
 
     def encode_batch(rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
         fraction = 1.0 if config.posterior else config.posterior_fraction
+        # the hint column is read only when some prompts carry a hint (prior-only data need not have it)
+        hints = rows[config.hint_column] if fraction else [None] * len(rows["question"])
         prompts = [
             template.posterior_prompt(q, h, tokenizer, hint_after=config.hint_after)
             if _hinted(q, fraction)
             else template.prior_prompt(q, tokenizer)
-            for q, h in zip(rows["question"], rows[config.hint_column] if fraction else rows["question"])
+            for q, h in zip(rows["question"], hints)
         ]
         completions = [template.completion(z, y) for z, y in zip(rows["solution"], rows["answer"])]
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
