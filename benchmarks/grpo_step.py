@@ -47,9 +47,11 @@ class Workload:
     micro_batch: int = 64  # completions per forward/backward (gradient accumulation covers the rest)
     steps: int = 3
     warmup: int = 1
-    bf16: bool = False  # CPU bf16 autocast for the training step (both trainers alike)
+    bf16: bool = False  # bf16 for both trainers: training autocast, and generation (see `generation_dtype`)
     learning_rate: float = 1e-6
     seed: int = 0
+    attention: str = "sdpa"  # the transformers model's attention kernel, for every variant alike
+    compile: bool = False  # torch.compile the training model (TrainingArguments.torch_compile), every variant alike
 
     @property
     def completions(self) -> int:
@@ -81,6 +83,13 @@ def build_model(path: str | Path, max_positions: int = 1024):
     return model, tokenizer
 
 
+def generation_dtype(work: Workload) -> str:
+    """Our vLLM engine's dtype: bf16 when the workload runs in bf16. TRL's `generate` then runs under
+    the same bf16 autocast (accelerate wraps the model's own `forward`, which `generate` calls), and the
+    floor's raw `LLM.generate` shares our engine, so every generator computes in the same precision."""
+    return "bfloat16" if work.bf16 else "float32"
+
+
 def records(work: Workload):
     from reasoning.data.datasets import load_records
 
@@ -105,6 +114,7 @@ def training_args(work: Workload, output_dir: str, cls=None):
         disable_tqdm=True,
         use_cpu=True,
         bf16=work.bf16,
+        torch_compile=work.compile,
         seed=work.seed,
     )
 
@@ -243,9 +253,11 @@ def run_ours(work: Workload) -> dict:
 
     path = tempfile.mkdtemp(prefix="bench-ours-")
     _, tokenizer = build_model(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=work.attention)
     kv_gib = max(0.25, 2.5 * work.completions * (work.tokens + 32) * 6 * 2 * 256 * 4 / 2**30)
-    engine = VLLMEngine(path, max_model_len=work.tokens + 64, cpu_kv_cache_gib=kv_gib, seed=work.seed)
+    engine = VLLMEngine(
+        path, max_model_len=work.tokens + 64, cpu_kv_cache_gib=kv_gib, seed=work.seed, dtype=generation_dtype(work)
+    )
     setup_rss = rss_mb()
     clock = PhaseClock()
     trainer_class = timed_subclass(GRPOTrainer, clock, "logprobs_without_grad")
@@ -318,7 +330,7 @@ def run_trl(work: Workload) -> dict:
 
     path = tempfile.mkdtemp(prefix="bench-trl-")
     _, tokenizer = build_model(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=work.attention)
     setup_rss = rss_mb()
     clock = PhaseClock()
     trl_phases: dict[str, list[float]] = {}
@@ -355,7 +367,10 @@ def run_trl(work: Workload) -> dict:
         name: statistics.median(values[-work.steps * len(values) // steps :] or values)
         for name, values in trl_phases.items()
     }
-    return summarise(clock, work, {"variant": "trl", "setup_rss_mb": setup_rss, "trl_phases": phases})
+    extra = {"variant": "trl", "setup_rss_mb": setup_rss, "trl_phases": phases}
+    # whether accelerate wrapped the model's forward (and so TRL's generate) in bf16 autocast
+    extra["generate_autocast_bf16"] = bool(trainer.accelerator.native_amp and work.bf16)
+    return summarise(clock, work, extra)
 
 
 def run_trl_vllm(work: Workload) -> dict:
@@ -368,7 +383,7 @@ def run_trl_vllm(work: Workload) -> dict:
 
     path = tempfile.mkdtemp(prefix="bench-trl-vllm-")
     _, tokenizer = build_model(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=work.attention)
     work = Workload(**{**asdict(work), "steps": 1, "warmup": 0})
     try:
         trainer = trl.GRPOTrainer(
@@ -411,7 +426,7 @@ def run_floor(work: Workload) -> dict:
 
     path = tempfile.mkdtemp(prefix="bench-floor-")
     _, tokenizer = build_model(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=work.attention)
     template = PlainTemplate()
     prompts = [encode(tokenizer, template.prior_prompt(r["question"])) for r in records(work)][: work.prompts]
     sampling = Sampling(temperature=1.0, max_tokens=work.tokens, seed=work.seed, ignore_eos=True)
@@ -429,15 +444,19 @@ def run_floor(work: Workload) -> dict:
     model.eval()
     for _ in range(rounds):
         start = now()
-        hf.generate(prompts, sampling, work.generations)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=work.bf16):  # as TRL's generate runs
+            hf.generate(prompts, sampling, work.generations)
         record("hf_generate", start)
 
     kv_gib = max(0.25, 2.5 * work.completions * (work.tokens + 32) * 6 * 2 * 256 * 4 / 2**30)
-    engine = VLLMEngine(path, max_model_len=work.tokens + 64, cpu_kv_cache_gib=kv_gib, seed=work.seed)
+    engine = VLLMEngine(
+        path, max_model_len=work.tokens + 64, cpu_kv_cache_gib=kv_gib, seed=work.seed, dtype=generation_dtype(work)
+    )
     raw_prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     params = engine.sampling_params(sampling, work.generations)
     optimizer = torch.optim.AdamW(model.parameters(), lr=work.learning_rate)
     model.train()
+    trained = torch.compile(model) if work.compile else model
     for _ in range(rounds):
         start = now()
         groups = engine.generate(prompts, sampling, work.generations)
@@ -457,7 +476,7 @@ def run_floor(work: Workload) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=work.bf16):
             for lo in range(0, len(rows), micro):
                 labels = ids[lo : lo + micro].masked_fill(mask[lo : lo + micro] == 0, -100)
-                out = model(input_ids=ids[lo : lo + micro], attention_mask=mask[lo : lo + micro], labels=labels)
+                out = trained(input_ids=ids[lo : lo + micro], attention_mask=mask[lo : lo + micro], labels=labels)
                 (out.loss / work.accumulation).backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -46,7 +46,7 @@ def prompts_for(tokenizer, count: int) -> list[list[int]]:
     return [encode(tokenizer, template.prior_prompt(r["question"])) for r in rows]
 
 
-def load_models(path_policy: str, path_other: str):
+def load_models(path_policy: str, path_other: str, attention: str = "sdpa"):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -58,7 +58,10 @@ def load_models(path_policy: str, path_other: str):
         for p in other.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=generator))
     other.save_pretrained(path_other)
-    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in (path_policy, path_other)]
+    models = [
+        AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, attn_implementation=attention).eval()
+        for p in (path_policy, path_other)
+    ]
     return tokenizer, models
 
 
@@ -92,12 +95,27 @@ def score_peer(models, ids, mask, prompt_width, batch_size):
 
 
 def run(
-    variant: str, prompts: int, samples: int, tokens: int, runs: int, batch_size: int, rescore_policy: bool
+    variant: str,
+    prompts: int,
+    samples: int,
+    tokens: int,
+    runs: int,
+    batch_size: int,
+    rescore_policy: bool,
+    bf16: bool = False,
+    attention: str = "sdpa",
 ) -> dict:
+    """With `bf16`, both variants compute in bf16: our engine is built in bf16, and the transformers
+    passes (the peer's generate and scoring, our scoring) run under bf16 autocast."""
+    import contextlib
+
     import torch
 
     root = tempfile.mkdtemp(prefix="bench-w3-")
-    tokenizer, models = load_models(f"{root}/policy", f"{root}/other")
+    tokenizer, models = load_models(f"{root}/policy", f"{root}/other", attention)
+    precision = (
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    )
     prompt_ids = prompts_for(tokenizer, prompts)
     times: dict[str, list[float]] = {"generation": [], "scoring": [], "total": []}
     cpu_times: dict[str, list[float]] = {"generation": [], "scoring": [], "total": []}
@@ -106,7 +124,12 @@ def run(
         from reasoning.rollout.vllm_engine import VLLMEngine
 
         kv_gib = max(0.5, 2.5 * prompts * samples * (tokens + 32) * 6 * 2 * 256 * 4 / 2**30)
-        engine = VLLMEngine(f"{root}/policy", max_model_len=tokens + 64, cpu_kv_cache_gib=kv_gib)
+        engine = VLLMEngine(
+            f"{root}/policy",
+            max_model_len=tokens + 64,
+            cpu_kv_cache_gib=kv_gib,
+            dtype="bfloat16" if bf16 else "float32",
+        )
 
         def generate(count: int, new: int):
             sampling = Sampling(temperature=1.0, max_tokens=new, seed=0, ignore_eos=True)
@@ -116,7 +139,8 @@ def run(
             return sequences, [len(r.prompt_ids) for r in flat], [r.logprobs for r in flat]
 
         def score(generated):
-            return score_ours(models, *generated, batch_size, rescore_policy)
+            with precision():
+                return score_ours(models, *generated, batch_size, rescore_policy)
     else:
         width = max(len(p) for p in prompt_ids)
         ids = torch.zeros((len(prompt_ids), width), dtype=torch.long)
@@ -127,7 +151,7 @@ def run(
 
         def generate(count: int, new: int):
             torch.manual_seed(0)
-            with torch.no_grad():
+            with torch.no_grad(), precision():
                 out = policy.generate(
                     input_ids=ids[:count],
                     attention_mask=mask[:count],
@@ -144,7 +168,8 @@ def run(
             return out, full_mask
 
         def score(generated):
-            return score_peer(models, *generated, width, batch_size)
+            with precision():
+                return score_peer(models, *generated, width, batch_size)
 
     score(generate(2, 8))  # warm-up
     for _ in range(runs):
@@ -184,6 +209,8 @@ def run(
         "peak_rss_mb": peak_rss_mb(),
         "torch_threads": torch.get_num_threads(),
         "rescore_policy": rescore_policy,
+        "bf16": bf16,
+        "attention": attention,
         "engine_vs_transformers_logprob_max_diff": agreement,
     }
 
@@ -201,9 +228,20 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="ours: recompute the policy's log-probs with transformers instead of using the engine's",
     )
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                        help="both variants in bf16 (our engine's dtype; autocast for transformers passes)")
+    parser.add_argument("--attention", default="sdpa", help="transformers attention kernel, both variants")
     args = parser.parse_args(argv)
     result = run(
-        args.variant, args.prompts, args.samples, args.tokens, args.runs, args.batch_size, args.rescore_policy
+        args.variant,
+        args.prompts,
+        args.samples,
+        args.tokens,
+        args.runs,
+        args.batch_size,
+        args.rescore_policy,
+        bf16=args.bf16,
+        attention=args.attention,
     )
     print("RESULT " + json.dumps(result), flush=True)
 

@@ -161,7 +161,8 @@ def run_w1(args, report: Report, prefix: str, work: dict, variants: list[str], r
         order += [v for v in variants if v not in ("ours", "trl")]
         for variant in order:
             start = time.perf_counter()
-            results[variant].append(child("grpo_step.py", [variant, *workload_args(**work)]))
+            compiled = args.compile_ours if variant == "ours" else args.compile_trl if variant == "trl" else False
+            results[variant].append(child("grpo_step.py", [variant, *workload_args(**work, compile=compiled)]))
             print(f"  [{prefix} round {round_index + 1}/{rounds}] {variant}: "
                   f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return results
@@ -173,7 +174,7 @@ def section_w1(args, report: Report, data: dict) -> None:
     data["w1"] = results
     title = (
         f"W1: {work['prompts']} prompts × {work['generations']} × {work['tokens']} tokens, one optimizer "
-        f"step per generation (bf16 autocast: {work.get('bf16', False)}); seconds per step"
+        f"step per generation (bf16 training autocast and bf16 generation: {work.get('bf16', False)}); seconds per step"
     )
     totals = step_table(report, title, {"ours": results["ours"], "TRL 1.16": results["trl"]}, results["floor"])
     gen = generation_table(report, results["floor"])
@@ -225,7 +226,10 @@ def section_scaling(args, report: Report, data: dict) -> None:
         if prompts == args.w1["prompts"] and w1_ours:
             runs = w1_ours
         else:
-            runs = [child("grpo_step.py", ["ours", *workload_args(**work)]) for _ in range(args.rounds_scaling)]
+            runs = [
+                child("grpo_step.py", ["ours", *workload_args(**work, compile=args.compile_ours)])
+                for _ in range(args.rounds_scaling)
+            ]
         runs_by_size[prompts * work["generations"]] = runs
     data["scaling"] = runs_by_size
     scaling_table(report, runs_by_size, args.w1["tokens"])
@@ -348,19 +352,20 @@ def cpu_has_bf16() -> bool:
 
 
 def configure(args: argparse.Namespace) -> None:
+    both = dict(bf16=args.bf16, attention=args.attention)  # every variant alike
     if args.quick:
-        args.w1 = dict(prompts=2, generations=4, tokens=16, micro_batch=8, steps=1, warmup=1, bf16=args.bf16)
-        args.w2 = dict(prompts=4, generations=4, tokens=32, micro_batch=8, steps=1, warmup=1, bf16=args.bf16)
+        args.w1 = dict(prompts=2, generations=4, tokens=16, micro_batch=8, steps=1, warmup=1, **both)
+        args.w2 = dict(prompts=4, generations=4, tokens=32, micro_batch=8, steps=1, warmup=1, **both)
         args.scaling_prompts = [1, 2, 4]
-        args.w3 = dict(prompts=4, samples=2, tokens=16, runs=1)
+        args.w3 = dict(prompts=4, samples=2, tokens=16, runs=1, **both)
         args.logprobs = dict(vocab=4096, hidden=64, batch=2, length=64, repeats=1)
         args.rounds = args.rounds or 1
     else:
-        args.w1 = dict(prompts=8, generations=8, tokens=128, micro_batch=64, steps=2, warmup=1, bf16=args.bf16)
+        args.w1 = dict(prompts=8, generations=8, tokens=128, micro_batch=64, steps=2, warmup=2, **both)
         # one timed step per process: TRL's W2 step alone is about a minute of CPU time here
-        args.w2 = dict(prompts=32, generations=8, tokens=256, micro_batch=64, steps=1, warmup=1, bf16=args.bf16)
+        args.w2 = dict(prompts=32, generations=8, tokens=256, micro_batch=64, steps=1, warmup=2, **both)
         args.scaling_prompts = [4, 8, 16, 32]
-        args.w3 = dict(prompts=64, samples=8, tokens=256, runs=1)
+        args.w3 = dict(prompts=64, samples=8, tokens=256, runs=1, **both)
         args.logprobs = dict(vocab=151_936, hidden=256, batch=4, length=512, repeats=3)
         args.rounds = args.rounds or 3
     args.rounds_w2 = args.rounds_w2 or 1
@@ -377,8 +382,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds-w3", type=int, default=0, help="W3 processes per variant (default 1)")
     parser.add_argument("--rounds-scaling", type=int, default=0, help="processes per scaling size (default 1)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast for the training step of both trainers (default: when the CPU "
+                        help="bf16 for both trainers: training-step autocast, and generation (our vLLM "
+                        "engine in bf16; TRL's generate runs under the same autocast) (default: when the CPU "
                         "has avx512_bf16 or amx_bf16; TRL's own default is bf16)")
+    parser.add_argument("--attention", default="eager", choices=["eager", "sdpa"],
+                        help="the transformers model's attention kernel, for every variant alike (eager is TRL's "
+                        "best on this machine class: W1 step 4.3 s against 6.0 s with sdpa; docs/performance.md)")
+    parser.add_argument("--compile-ours", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch.compile our training model (TrainingArguments.torch_compile; the floor stays a "
+                        "plain eager step, as the issue defines it)")
+    parser.add_argument("--compile-trl", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile TRL's training model too (slower here: W1 step 6.9 s against 4.4 s)")
     parser.add_argument("--json", default=None, help="also write every raw result to this file")
     args = parser.parse_args(argv)
     if args.bf16 is None:
@@ -394,7 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     report.add(
         f"# reasoning performance suite{' (quick)' if args.quick else ''}: {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; training-step bf16 autocast: {args.bf16}"
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; bf16 training autocast and generation: {args.bf16}; "
+        f"attention: {args.attention}; torch.compile: ours {args.compile_ours}, TRL {args.compile_trl}"
     )
     started = time.perf_counter()
     for section in SECTIONS:

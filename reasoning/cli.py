@@ -102,15 +102,21 @@ def eval_command(
     console.print(f"results: {output_dir / 'results.json'}; samples: {output_dir / 'samples.jsonl'}")
 
 
+# The demo's warm-up imitates a flawed teacher: 60 % of its worked solutions forget every carry.
+# SFT copies the flaw; GRPO, rewarded by the verifier (the true sum), unlearns it.
+DEMO_WARMUP_DATA = "synthetic:addition?digits=3&forget_carry=0.6&n=60000&seed=0&split=train"
+
+
 @app.command()
 def demo(
     run_dir: Path = typer.Option(Path("runs/demo"), help="Where checkpoints, metrics and results go."),
     rl: bool = typer.Option(
-        False,
-        help="Also run the GRPO stage (vLLM rollouts) after the warm-up; see docs/grpo.md for its figures.",
+        True,
+        help="Run the GRPO stage (vLLM rollouts) after the warm-up (--no-rl: the warm-up alone).",
     ),
 ) -> None:
-    """The embedded default: tiny model -> SFT warm-up -> held-out evaluation (-> GRPO with --rl)."""
+    """The embedded default: tiny model -> SFT warm-up on a flawed teacher's solutions -> GRPO with
+    colocated vLLM rollouts -> greedy held-out accuracy after each stage."""
     import json
     import time
 
@@ -119,13 +125,18 @@ def demo(
     from reasoning.recipes import RecipeError, load_recipe, run
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    stages = [("sft", "sft.yaml", [f"--training.output_dir={run_dir / 'sft'}", "--eval.before=true"])]
+    warmup = [f"--training.output_dir={run_dir / 'sft'}", "--eval.before=true", f"--data.train={DEMO_WARMUP_DATA}"]
+    stages = [("sft", "sft.yaml", warmup)]
     if rl:
         stages.append(
             (
                 "grpo",
                 "grpo.yaml",
-                [f"--training.output_dir={run_dir / 'grpo'}", f"--model.path={run_dir / 'sft' / 'final'}"],
+                [
+                    f"--training.output_dir={run_dir / 'grpo'}",
+                    f"--model.path={run_dir / 'sft' / 'final'}",
+                    "--eval.before=false",  # the warm-up's own evaluation is the "before"
+                ],
             )
         )
     rows = []

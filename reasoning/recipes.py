@@ -43,6 +43,14 @@ class ModelConfig:
         },
     )
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "The trainer's attention kernel (transformers `attn_implementation`): eager, sdpa, "
+            "flash_attention_2, flex_attention; default transformers' choice (sdpa). On CPU with short "
+            "sequences eager is faster (docs/performance.md). Generation engines choose their own."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Initialisation seed of a tiny model."})
     lora: dict[str, Any] | None = field(
         default=None,
@@ -401,6 +409,9 @@ def _build_once(folder: Path, build: typing.Callable[[Path], Any]) -> None:
         torch.distributed.barrier()
 
 
+ATTENTION_KERNELS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
 def load_model_and_tokenizer(config: ModelConfig, run_dir: Path):
     """The recipe's model and tokenizer; a tiny model is built once under `<run_dir>/init`."""
     import torch
@@ -436,7 +447,8 @@ def load_model_and_tokenizer(config: ModelConfig, run_dir: Path):
             f"model.dtype {config.dtype!r} is not a torch dtype; use float32, bfloat16 or float16"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        attention = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attention)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:  # not found locally nor on the hub, or not a model checkpoint
         raise RecipeError(
@@ -540,6 +552,11 @@ def check_recipe(recipe: Recipe) -> TrainingArguments:
     if not isinstance(getattr(torch, model.dtype, None), torch.dtype):
         raise RecipeError(
             f"model.dtype {model.dtype!r} is not a torch dtype; use float32, bfloat16 or float16"
+        )
+    if model.attn_implementation is not None and model.attn_implementation not in ATTENTION_KERNELS:
+        raise RecipeError(
+            f"model.attn_implementation {model.attn_implementation!r} is not an attention kernel; "
+            f"use one of {', '.join(ATTENTION_KERNELS)}"
         )
     for section, engine in (("rollout", recipe.rollout.engine), ("eval", recipe.eval.engine)):
         if engine not in ENGINE_KINDS:

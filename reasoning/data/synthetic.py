@@ -1,7 +1,8 @@
 """Embedded synthetic tasks: deterministic by seed, with reference traces and verifiers.
 
 - `addition`: "347+285" -> trace "7+5=12,4+8+1=13,3+2+1=6" (one step per column from the units,
-  `+c` for a carry-in) -> answer "632".
+  `+c` for a carry-in) -> answer "632". `forget_carry=p` has a share p of the problems worked by a
+  flawed teacher that never carries (warm-up data with a flaw the verifier, not the teacher, knows).
 - `countdown`: "3 5 7->22" -> trace "3*5=15,15+7=22" -> answer "3*5+7"; every given number is
   used exactly once (`use_all`), with + − × ÷ and exact division. Many valid solutions.
 
@@ -68,30 +69,46 @@ def draw_problems(
 
 @dataclass(frozen=True)
 class AdditionTask:
-    """Sum of two non-negative integers below 10^digits, with a digit-by-digit scratchpad."""
+    """Sum of two non-negative integers below 10^digits, with a digit-by-digit scratchpad.
+
+    `forget_carry` makes a flawed teacher for warm-up data: that share of the problems is worked by
+    a solver that never adds the carry (trace "7+5=12,4+8=12,8+2=10", answer read off it the same
+    way, "1022" for 847+285). It changes the `trace` and `answer` columns only: the verifier grades
+    the true sum, so a reward or an evaluation is unaffected.
+    """
 
     digits: int = 3
+    forget_carry: float = 0.0
     name: str = "addition"
 
     def __post_init__(self) -> None:
         if not 1 <= self.digits <= 30:
             raise ValueError(f"addition digits must be between 1 and 30, got {self.digits}")
+        if not 0.0 <= self.forget_carry <= 1.0:
+            raise ValueError(f"addition forget_carry is a probability in [0, 1], got {self.forget_carry}")
 
     def spec(self) -> str:
         return f"addition?digits={self.digits}"
 
-    def solve(self, a: int, b: int) -> Problem:
+    def solve(self, a: int, b: int, forget_carry: bool = False) -> Problem:
+        """The column-by-column working of a + b (without carries when `forget_carry`)."""
         da, db = str(a).zfill(self.digits)[::-1], str(b).zfill(self.digits)[::-1]
-        steps, carry = [], 0
+        steps, carry, totals = [], 0, []
         for i in range(self.digits):
             x, y = int(da[i]), int(db[i])
             total = x + y + carry
             steps.append(f"{x}+{y}+{carry}={total}" if carry else f"{x}+{y}={total}")
-            carry = total // 10
-        return Problem(f"{a}+{b}", ",".join(steps), str(a + b), {"a": a, "b": b})
+            totals.append(total)
+            carry = 0 if forget_carry else total // 10
+        # the answer is read off the trace: the last column's total, then the units of the others
+        answer = str(int(str(totals[-1]) + "".join(str(t % 10) for t in reversed(totals[:-1]))))
+        return Problem(f"{a}+{b}", ",".join(steps), answer, {"a": a, "b": b})
 
     def draw(self, rng: random.Random) -> Problem:
-        return self.solve(rng.randrange(10**self.digits), rng.randrange(10**self.digits))
+        a, b = rng.randrange(10**self.digits), rng.randrange(10**self.digits)
+        # which solver works a question is a hash of it, so a seed draws the same questions for any share
+        flawed = zlib.crc32(f"forget-carry:{a}+{b}".encode()) < self.forget_carry * 2**32
+        return self.solve(a, b, forget_carry=flawed)
 
     def generate(self, n: int, seed: int = 0, split: str = "all") -> list[Problem]:
         return draw_problems(self.draw, n, seed, split, f"{self.digits}-digit addition")
@@ -321,10 +338,12 @@ def make_task(name: str, **kwargs: Any) -> AdditionTask | CountdownTask:
 def _parse_value(value: str) -> Any:
     if value.lower() in ("true", "false"):
         return value.lower() == "true"
-    try:
-        return int(value)
-    except ValueError:
-        return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:

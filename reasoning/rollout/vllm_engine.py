@@ -171,7 +171,9 @@ def _active_module_to_save(wrapper: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def iter_full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_full_weights(
+    model: torch.nn.Module, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, full tensor) for every weight the inference model needs, streamed.
 
     - DDP / DeepSpeed / accelerate wrappers (`.module`) and `torch.compile` are unwrapped.
@@ -182,11 +184,16 @@ def iter_full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tenso
     - DeepSpeed ZeRO-3: each module's own parameters are gathered together, copied, and released
       before the next module, so the whole model is never materialised at once.
     - Tied embeddings: `lm_head.weight` is yielded as well as `model.embed_tokens.weight`.
+    - `dtype`: floating tensors are cast to it (the engine's dtype, e.g. a bf16 engine fed by an
+      fp32 trainer), one tensor at a time.
     """
     model = unwrap_model(model)
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         model = model.get_base_model()
-    yield from _walk(model, "")
+    for name, tensor in _walk(model, ""):
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        yield name, tensor
 
 
 # --------------------------------------------------------------------------- the engine
@@ -314,6 +321,7 @@ class VLLMEngine:
             kwargs["distributed_executor_backend"] = distributed_executor_backend
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
+        self.dtype: torch.dtype = self.llm.llm_engine.model_config.dtype
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         self.max_model_len = max_model_len
         self._asleep = False  # some engine memory is released (sleep level >= 1)
@@ -451,7 +459,8 @@ class VLLMEngine:
         if self._asleep:
             # the KV cache stays released until the next generate()
             self.wake_up(tags=["weights"])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter_full_weights(model)})
+        weights = iter_full_weights(model, dtype=self.dtype)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self._weights_discarded = False
         if not self._asleep:  # sleeping at level >= 1 already cleared the prefix cache
             self.llm.reset_prefix_cache()

@@ -163,6 +163,7 @@ class _Wrapped(torch.nn.Module):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_sync_after_optimizer_steps(vllm_engine, hf_model, tokenizer):
+    assert vllm_engine.dtype == torch.float32  # what sync casts the trainer's tensors to
     model = copy.deepcopy(hf_model).train()
     prompts = encode(tokenizer, [*PROMPTS, LONG_PROMPT])
     assert 128 < len(prompts[-1]) < 200
@@ -317,6 +318,10 @@ def test_weight_names_match_the_checkpoint(hf_model):
         got = dict(iter_full_weights(model))
         assert sorted(got) == sorted(expected)
         assert all(torch.equal(got[k], expected[k]) for k in expected)
+    # a bf16 engine fed by an fp32 trainer: every tensor arrives already cast, names unchanged
+    cast = dict(iter_full_weights(hf_model, dtype=torch.bfloat16))
+    assert sorted(cast) == sorted(expected)
+    assert all(cast[k].dtype == torch.bfloat16 and torch.equal(cast[k], expected[k].bfloat16()) for k in expected)
     policy = _lora_policy(hf_model)
     merged = copy.deepcopy(policy).merge_and_unload().state_dict()
     got = dict(iter_full_weights(policy))

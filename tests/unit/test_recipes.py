@@ -94,3 +94,20 @@ def test_exponent_floats_are_numbers(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     recipe = load_recipe(path, ["--training.weight_decay", "2e-3"])
     assert recipe.training["learning_rate"] == 1e-5 and recipe.training["weight_decay"] == 2e-3
+
+
+def test_attention_kernel_is_checked_and_applied(tmp_path):
+    from reasoning.recipes import check_recipe, load_model_and_tokenizer
+
+    raw = base()
+    raw["model"]["attn_implementation"] = "eagre"
+    with pytest.raises(RecipeError, match=r"model.attn_implementation 'eagre'.*eager, sdpa"):
+        check_recipe(parse_recipe(raw))
+    raw["model"]["attn_implementation"] = "eager"
+    recipe = parse_recipe(raw)
+    check_recipe(recipe)
+    model, _, _ = load_model_and_tokenizer(recipe.model, tmp_path)
+    assert model.config._attn_implementation == "eager"
+    raw["model"].pop("attn_implementation")
+    model, _, _ = load_model_and_tokenizer(parse_recipe(raw).model, tmp_path)
+    assert model.config._attn_implementation == "sdpa"  # transformers' default is left alone

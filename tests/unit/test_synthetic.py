@@ -43,6 +43,31 @@ def test_addition_example_format():
     assert AdditionTask(3).solve(999, 1).trace == "9+1=10,9+0+1=10,9+0+1=10"
 
 
+def test_flawed_teacher_forgets_carries_and_the_verifier_still_grades_the_sum():
+    flawed = AdditionTask(3).solve(847, 285, forget_carry=True)
+    assert (flawed.trace, flawed.answer) == ("7+5=12,4+8=12,8+2=10", "1022")
+    assert AdditionTask(3).solve(847, 285).answer == "1132"
+    clean, half, always = (AdditionTask(3, forget_carry=p).generate(2000, seed=3) for p in (0.0, 0.5, 1.0))
+    assert [p.question for p in half] == [p.question for p in clean]  # same problems, same seeds
+    assert clean == AdditionTask(3).generate(2000, seed=3)
+    task = AdditionTask(3)
+    wrong = [not task.verify(p, p.answer) for p in half]
+    def has_carry(trace: str) -> bool:
+        return any(step.count("+") == 2 for step in trace.split(","))
+
+    carries = [has_carry(p.trace) for p in clean]  # problems where forgetting a carry matters
+    assert not any(has_carry(p.trace) for p in always)
+    assert all(not task.verify(p, p.answer) for p, c in zip(always, carries) if c)
+    share = sum(wrong) / sum(carries)
+    assert 0.45 < share < 0.55, share  # half of the carry problems are worked by the flawed solver
+    assert not any(w and not c for w, c in zip(wrong, carries))  # carry-free problems stay right
+    with pytest.raises(ValueError, match="forget_carry"):
+        AdditionTask(3, forget_carry=1.5)
+    rows = records_from_spec("addition?digits=3&forget_carry=1.0&n=50&seed=3")
+    assert [r["solution"] for r in rows] == [p.trace for p in always[:50]]
+    assert rows[0]["task"] == "addition?digits=3"  # the records' verifier is the true one
+
+
 def test_addition_rejects_corrupted_answers():
     task = AdditionTask(3)
     problem = task.solve(347, 285)
