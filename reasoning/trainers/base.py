@@ -36,6 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from reasoning.data.templates import Template, encode, template_for
 from reasoning.models.scoring import final_states, states_token_logprobs
 from reasoning.rollout import Rollout, RolloutEngine, Sampling
+from reasoning.trainers.callbacks import rewind_jsonl
 from reasoning.trainers.checkpoint import ResumableTrainer
 from reasoning.trainers.nonfinite import NonFiniteLossError as NonFiniteLossError  # re-exported (CLI)
 from reasoning.trainers.nonfinite import NonFiniteLossGuard
@@ -790,6 +791,12 @@ class RolloutTrainer(NonFiniteLossGuard, ResumableTrainer, Trainer):
         super().load_checkpoint_state(state)
         self._micro_step = int(state["micro_step"])
         self._buffer = list(state.get("buffer", []))
+
+    def rewind_logs(self, step: int) -> None:
+        """Drop the completions an interrupted attempt logged at or after `step`, where this run
+        starts: it generates them again (a buffer restored from the checkpoint was logged before)."""
+        if self.is_world_process_zero():
+            rewind_jsonl(Path(self.args.output_dir) / "completions.jsonl", lambda r: r.get("step", 0) < step)
 
 def _finite(value: torch.Tensor) -> float | None:
     value = float(value)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,17 +33,61 @@ class TimeLimitCallback(TrainerCallback):
         return control
 
 
+def rewind_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """Rewrite the JSON-lines file `path` with only the records `keep` accepts, atomically (a crash
+    leaves the old file or the new one); a line cut short by a killed writer is dropped. Returns the
+    records kept. A resumed run calls this so that the steps it redoes after its checkpoint appear
+    once, from the run that continues, instead of twice."""
+    if not path.exists():
+        return []
+    kept, lines = [], []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and keep(record):
+            kept.append(record)
+            lines.append(line + "\n")
+    partial = path.with_name(path.name + ".rewind")
+    partial.write_text("".join(lines))
+    os.replace(partial, path)
+    return kept
+
+
 class JsonlMetricsCallback(TrainerCallback):
-    """Append every logged metrics dict, with step and wall time, to `<output_dir>/metrics.jsonl`."""
+    """Append every logged metrics dict, with step and wall time, to `<output_dir>/metrics.jsonl`.
+
+    A run that starts at global step c (c > 0: resumed from checkpoint c; 0: from scratch) first
+    drops what an interrupted attempt wrote after c, including its end-of-training summary at c:
+    the run logs those steps again, and each step appears once. `time` continues from the last
+    record kept (time spent training, not time since the first launch). A second `train` call in
+    the same process appends."""
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path else None
         self.start = time.monotonic()
+        self.rewound = False
+
+    def _path(self, args: TrainingArguments) -> Path:
+        return self.path or Path(args.output_dir) / "metrics.jsonl"
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw):
+        if not state.is_world_process_zero or self.rewound:
+            return
+        self.rewound = True
+        step = state.global_step
+        kept = rewind_jsonl(
+            self._path(args),
+            lambda r: r.get("step", 0) < step or (r.get("step") == step and "train_runtime" not in r),
+        )
+        times = [r["time"] for r in kept if isinstance(r.get("time"), (int, float))]
+        self.start = time.monotonic() - (times[-1] if times else 0.0)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw):
         if not state.is_world_process_zero or not logs:
             return
-        path = self.path or Path(args.output_dir) / "metrics.jsonl"
+        path = self._path(args)
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "step": state.global_step,

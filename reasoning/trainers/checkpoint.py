@@ -180,7 +180,16 @@ class ResumableTrainer:
                 raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
         if resume_from_checkpoint:
             self.restore_checkpoint_state(Path(resume_from_checkpoint))
+        if not getattr(self, "_logs_rewound", False):  # a later `train` call in this process continues
+            self._logs_rewound = True
+            state = Path(resume_from_checkpoint or "") / "trainer_state.json"
+            self.rewind_logs(json.loads(state.read_text())["global_step"] if resume_from_checkpoint and state.is_file() else 0)
         return super().train(resume_from_checkpoint or None, *args, **kwargs)
+
+    def rewind_logs(self, step: int) -> None:
+        """Hook: a run starting at optimizer step `step` (0: from scratch) redoes whatever an
+        interrupted attempt in the same output directory did after it; drop that from the trainer's
+        own logs so that each step appears once."""
 
     def restore_checkpoint_state(self, folder: str | Path) -> None:
         """Load this process's `checkpoint_state` file from checkpoint `folder` (`train` calls this)."""

@@ -413,9 +413,32 @@ def run_family(family: str, runner: Runner, warm: Path, tmp_path: Path, kills: i
         state = load_state_file(killed / last / EXTRA_STATE.format(rank=0))
         assert_close(ref_state, state, f"{family} trainer state")
         state_keys = sorted(ref_state["extra"])
+        assert_same_logs(reference, killed, family)
     else:
         state_keys = []
     return {"kills": record, "max_weight_difference": difference, "extra_state": state_keys}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def assert_same_logs(reference: Path, killed: Path, family: str) -> None:
+    """The killed-and-resumed run's metrics.jsonl and completions.jsonl hold each step once, as the
+    uninterrupted run's do: the steps an interrupted run logged after its checkpoint are replaced by
+    the resumed run's, not repeated. Losses agree (logged rounded to 4 digits)."""
+    ref_metrics, metrics = read_jsonl(reference / "metrics.jsonl"), read_jsonl(killed / "metrics.jsonl")
+    shape = [(r["step"], "train_runtime" in r) for r in ref_metrics]
+    assert len(shape) > 1, f"{family}: the reference run logged {shape}"
+    assert [(r["step"], "train_runtime" in r) for r in metrics] == shape, f"{family}: metrics.jsonl steps"
+    for ref, got in zip(ref_metrics, metrics):
+        if "loss" in ref:
+            assert abs(ref["loss"] - got["loss"]) <= 2e-4, f"{family} step {ref['step']}: loss {got} vs {ref}"
+    times = [r["time"] for r in metrics]
+    assert times == sorted(times), f"{family}: metrics.jsonl time goes back after a resume: {times}"
+    ref_completions = read_jsonl(reference / "completions.jsonl")
+    completions = read_jsonl(killed / "completions.jsonl")
+    assert [r["step"] for r in completions] == [r["step"] for r in ref_completions], f"{family}: completions"
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
