@@ -798,6 +798,7 @@ class RolloutTrainer(NonFiniteLossGuard, ResumableTrainer, Trainer):
         if self.is_world_process_zero():
             rewind_jsonl(Path(self.args.output_dir) / "completions.jsonl", lambda r: r.get("step", 0) < step)
 
+
 def _finite(value: torch.Tensor) -> float | None:
     value = float(value)
     return None if math.isnan(value) else value

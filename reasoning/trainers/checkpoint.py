@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -182,8 +184,9 @@ class ResumableTrainer:
             self.restore_checkpoint_state(Path(resume_from_checkpoint))
         if not getattr(self, "_logs_rewound", False):  # a later `train` call in this process continues
             self._logs_rewound = True
-            state = Path(resume_from_checkpoint or "") / "trainer_state.json"
-            self.rewind_logs(json.loads(state.read_text())["global_step"] if resume_from_checkpoint and state.is_file() else 0)
+            state_file = Path(resume_from_checkpoint) / TRAINER_STATE_NAME if resume_from_checkpoint else None
+            resumed = state_file is not None and state_file.is_file()
+            self.rewind_logs(TrainerState.load_from_json(str(state_file)).global_step if resumed else 0)
         return super().train(resume_from_checkpoint or None, *args, **kwargs)
 
     def rewind_logs(self, step: int) -> None:
@@ -206,7 +209,7 @@ class ResumableTrainer:
             state = load_state_file(first)
             state.pop("buffer", None)
             self.load_checkpoint_state(state)
-        elif any(folder.glob("*.safetensors")) or (folder / "trainer_state.json").exists():
+        elif any(folder.glob("*.safetensors")) or (folder / TRAINER_STATE_NAME).exists():
             logger.warning("%s has no trainer extra state (not written by this package?)", folder)
 
     def _run_epoch(self, *args: Any, **kwargs: Any):
