@@ -18,6 +18,12 @@ Per step: total (callback `on_step_begin` -> `on_step_end`), generation, weight 
 recomputation (no-grad passes made while building the batch: π_old, π_ref), forward+backward of the
 loss, optimizer step, and other (= total − the rest: rewards, collation, logging). Peak memory is
 the process's peak resident set (`ru_maxrss`, including the engine's KV cache).
+
+Device (`--device auto`, the default): CUDA when a GPU is visible, else the CPU; every variant trains
+and generates there. On a GPU each result also reports `device_memory`: torch's peak allocated and
+reserved memory (`torch.cuda.max_memory_allocated` / `max_memory_reserved`, which include vLLM's weights
+and KV cache, allocated in this process by torch's allocator) and the device memory in use at the end
+(`torch.cuda.mem_get_info`). Not run here: this machine has no GPU.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class Workload:
     learning_rate: float = 1e-6
     seed: int = 0
     attention: str = "sdpa"  # the transformers model's attention kernel, for every variant alike
+    device: str = "auto"  # auto (CUDA when a GPU is visible, else the CPU), cpu or cuda
     compile: bool = False  # torch.compile the training model (TrainingArguments.torch_compile), every variant alike
 
     @property
@@ -83,6 +90,40 @@ def build_model(path: str | Path, max_positions: int = 1024):
     return model, tokenizer
 
 
+def resolve_device(work: Workload, cuda_available: bool | None = None) -> str:
+    """"cuda" or "cpu": the workload's device, `auto` = CUDA when a GPU is visible."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if work.device == "auto":
+        return "cuda" if cuda else "cpu"
+    if work.device not in ("cpu", "cuda"):
+        raise ValueError(f"device {work.device!r}: use auto, cpu or cuda")
+    if work.device == "cuda" and not cuda:
+        raise ValueError("device cuda: no GPU is visible (torch.cuda.is_available() is False); use auto or cpu")
+    return work.device
+
+
+def device_memory(device: str) -> dict:
+    """GPU memory of this process (MB) on CUDA: torch's peaks (vLLM's weights and KV cache included)
+    and what the device has in use; on the CPU nothing (peak RSS is reported for every variant)."""
+    import torch
+
+    if device != "cuda":
+        return {"device": device}
+    free, total = torch.cuda.mem_get_info()
+    return {
+        "device": device,
+        "gpu_name": torch.cuda.get_device_name(),
+        "device_memory": {
+            "peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
+            "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20,
+            "in_use_mb": (total - free) / 2**20,
+            "total_mb": total / 2**20,
+        },
+    }
+
+
 def generation_dtype(work: Workload) -> str:
     """Our vLLM engine's dtype: bf16 when the workload runs in bf16. TRL's `generate` then runs under
     the same bf16 autocast (accelerate wraps the model's own `forward`, which `generate` calls), and the
@@ -112,7 +153,7 @@ def training_args(work: Workload, output_dir: str, cls=None):
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        use_cpu=True,
+        use_cpu=resolve_device(work) == "cpu",
         bf16=work.bf16,
         torch_compile=work.compile,
         seed=work.seed,
@@ -130,7 +171,13 @@ def peak_rss_mb() -> float:
 
 
 def now() -> tuple[float, float]:
-    """(wall clock, this process's CPU time): CPU time is what a loaded machine distorts least."""
+    """(wall clock, this process's CPU time): CPU time is what a loaded machine distorts least.
+
+    On a GPU, queued kernels are waited for first, so that each phase is charged its own GPU work."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     return time.perf_counter(), time.process_time()
 
 
@@ -235,6 +282,7 @@ def summarise_steps(steps: list[dict[str, float]], work: Workload, extra: dict) 
         "median": {k: statistics.median(r[k] for r in timed) for k in timed[0]},
         "tokens_per_step": tokens,
         "peak_rss_mb": peak_rss_mb(),
+        **device_memory(resolve_device(work)),
         **extra,
     }
 
@@ -426,7 +474,9 @@ def run_floor(work: Workload) -> dict:
 
     path = tempfile.mkdtemp(prefix="bench-floor-")
     _, tokenizer = build_model(path)
+    device = resolve_device(work)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=work.attention)
+    model.to(device)
     template = PlainTemplate()
     prompts = [encode(tokenizer, template.prior_prompt(r["question"])) for r in records(work)][: work.prompts]
     sampling = Sampling(temperature=1.0, max_tokens=work.tokens, seed=work.seed, ignore_eos=True)
@@ -444,7 +494,7 @@ def run_floor(work: Workload) -> dict:
     model.eval()
     for _ in range(rounds):
         start = now()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=work.bf16):  # as TRL's generate runs
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=work.bf16):  # as TRL's generate runs
             hf.generate(prompts, sampling, work.generations)
         record("hf_generate", start)
 
@@ -466,14 +516,14 @@ def run_floor(work: Workload) -> dict:
         record("raw_generate", start)
         rows = [r.prompt_ids + r.completion_ids for g in groups for r in g]
         width = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
         mask = torch.zeros_like(ids)
         for i, row in enumerate(rows):  # left padding, as the trainers do
-            ids[i, width - len(row) :] = torch.tensor(row)
+            ids[i, width - len(row) :] = torch.tensor(row, device=device)
             mask[i, width - len(row) :] = 1
         start = now()
         micro = min(work.micro_batch, len(rows))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=work.bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=work.bf16):
             for lo in range(0, len(rows), micro):
                 labels = ids[lo : lo + micro].masked_fill(mask[lo : lo + micro] == 0, -100)
                 out = trained(input_ids=ids[lo : lo + micro], attention_mask=mask[lo : lo + micro], labels=labels)
@@ -491,6 +541,7 @@ def run_floor(work: Workload) -> dict:
         "median": {**medians, "floor": medians["raw_generate"] + medians["train"]},
         "tokens_per_step": work.completions * work.tokens,
         "peak_rss_mb": peak_rss_mb(),
+        **device_memory(device),
     }
 
 

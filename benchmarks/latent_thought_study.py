@@ -13,6 +13,10 @@ plain template; `--examples-per-text` solved examples per sequence). Measured:
 4. few-shot (0 and `--shots`) greedy addition accuracy: z fitted to the prompt from several
    initialisations (avg@K, pass@K over z, lowest-NELBO choice), z = 0, and the AR baseline.
 
+Perplexity is written in two conventions: `perplexity_upper_bound` (`perplexity` for the AR model)
+= exp(Σ NELBO / Σ N) over the held-out texts, and `perplexity_sequence_mean` = the mean over texts of
+exp(NELBO(x) / N_x), the convention of the latent thought models' reference code.
+
 FLOPs. A decoder pass over N tokens costs 2·P·N forward and 4·P·N backward, so one training pass
 is 6·P·N. P counts every parameter applied per token (the tied embedding once: the LM head matmul;
 the input lookup is free); the LTM's cross-attention K/V projections act on its n latents per layer
@@ -236,7 +240,12 @@ def train_ltm(
         bound = elbo_perplexity(
             m, heldout_rows, config=eval_config, batch_size=16, generator=torch.Generator().manual_seed(1)
         )
-        return {"nelbo_per_token": bound.nelbo_per_token, "nll_per_token": bound.nll_per_token}
+        return {
+            "nelbo_per_token": bound.nelbo_per_token,
+            "nll_per_token": bound.nll_per_token,
+            "perplexity_upper_bound": bound.perplexity_upper_bound,
+            "perplexity_sequence_mean": bound.perplexity_sequence_mean,
+        }
 
     probe = make_probe(
         evaluate, lambda tokens, seqs: training_flops(counts, tokens, seqs, fast_steps + 1), at_steps=at_steps
@@ -289,7 +298,11 @@ def train_ar(args, records, heldout_texts, budget_flops, equal_token_step, targe
         m.eval()
         out = token_perplexity(m, tokenizer, heldout_texts)
         m.train()
-        return {"nll_per_token": out["nll_per_token"]}
+        return {
+            "nll_per_token": out["nll_per_token"],
+            "perplexity": out["perplexity"],
+            "perplexity_sequence_mean": out["perplexity_sequence_mean"],
+        }
 
     flops_of = lambda tokens, seqs: training_flops(counts, tokens, seqs, 1)  # noqa: E731
     probe = make_probe(
@@ -366,6 +379,12 @@ def main() -> None:
     results: dict[str, Any] = {
         "settings": vars(args),
         "flop_accounting": __doc__.split("FLOPs.")[1].split("\n\n")[0],
+        "perplexity_conventions": {
+            "perplexity_upper_bound": "exp(sum of NELBO / sum of scored tokens) over the held-out texts",
+            "perplexity": "exp(sum of NLL / sum of scored tokens), exact (AR model)",
+            "perplexity_sequence_mean": "mean over texts of exp(NELBO(x) / N_x) (NLL for the AR model): "
+            "the latent thought reference code's convention",
+        },
     }
 
     def save() -> None:
@@ -400,6 +419,7 @@ def main() -> None:
                 "nll_per_token": bound.nll_per_token,
                 "kl_per_token": bound.kl_per_token,
                 "perplexity_upper_bound": bound.perplexity_upper_bound,
+                "perplexity_sequence_mean": bound.perplexity_sequence_mean,
                 "seconds": time.monotonic() - begin,
             }
         )

@@ -126,7 +126,24 @@ def step_table(
             f"(incl. AdamW) | – | – | {tokens / total:.0f} | {max(r['peak_rss_mb'] for r in floor):.0f} "
             f"| {len(totals_floor)} |"
         )
+    gpu_memory_note(report, {**rows, **({"floor": floor} if floor else {})})
     return totals
+
+
+def gpu_memory_note(report: Report, rows: dict[str, list[dict]]) -> None:
+    """On a GPU: each variant's device and peak GPU memory (the results' `device_memory`, from
+    `torch.cuda.max_memory_allocated` / `max_memory_reserved`, vLLM's KV cache included)."""
+    cells = []
+    for variant, results in rows.items():
+        memory = [r["device_memory"] for r in results or [] if "device_memory" in r]
+        if memory:
+            cells.append(
+                f"{variant} {max(m['peak_allocated_mb'] for m in memory):.0f} / "
+                f"{max(m['peak_reserved_mb'] for m in memory):.0f} / {max(m['in_use_mb'] for m in memory):.0f}"
+            )
+    if cells:
+        name = next(r.get("gpu_name", "") for results in rows.values() for r in results or [] if "device_memory" in r)
+        report.add(f"\nGPU ({name}) memory, MB (peak allocated / peak reserved / in use at the end): {'; '.join(cells)}")
 
 
 def generation_table(report: Report, floor: list[dict]) -> dict[str, tuple[float, float]]:
@@ -405,8 +422,13 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     report, data = Report(), {}
+    device = (
+        f"GPU: {torch.cuda.get_device_name()} × {torch.cuda.device_count()} (the benchmarks train and generate on it)"
+        if torch.cuda.is_available()
+        else "no GPU (CPU runs)"
+    )
     report.add(
-        f"# reasoning performance suite{' (quick)' if args.quick else ''}: {os.cpu_count()} CPUs, "
+        f"# reasoning performance suite{' (quick)' if args.quick else ''}: {device}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; bf16 training autocast and generation: {args.bf16}; "
         f"attention: {args.attention}; torch.compile: ours {args.compile_ours}, TRL {args.compile_trl}"

@@ -52,9 +52,24 @@ def eval_command(
     n: int = typer.Option(1, help="Samples per problem."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0),
-    max_tokens: int | None = typer.Option(None, help="Default: each benchmark's own budget."),
+    max_tokens: int | None = typer.Option(
+        None,
+        help="Token budget of a completion. Default: each benchmark's own (gsm8k 2048, math500 4096, "
+        "aime24/amc23 8192, ...). Completions cut by it count in truncated_share (results.json).",
+    ),
     limit: int | None = typer.Option(None, help="At most this many problems per benchmark."),
     engine: str = typer.Option("hf", help="hf, vllm or vllm-server."),
+    max_model_len: int | None = typer.Option(
+        None,
+        help="--engine vllm: the engine's context (prompt + completion). Default: the longest prompt of "
+        "the benchmarks + the largest budget; a smaller value, or a budget beyond the model's own "
+        "context, is an error before any generation.",
+    ),
+    device: str | None = typer.Option(
+        None,
+        help="--engine hf (and the --scaling scorer): cpu, cuda, cuda:N. Default: the GPU when there is "
+        "one (accelerate's device, else cuda), else cpu.",
+    ),
     dtype: str = typer.Option("float32"),
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(64, help="Prompts per generation call."),
@@ -64,14 +79,33 @@ def eval_command(
         help="Inference scaling over --n sampled rationales: bin, bon, majority (comma-separated); "
         "reports each at N = 4, 8, ... up to --n (temperature 1.0 unless --temperature > 0).",
     ),
+    benchmark_source: str = typer.Option(
+        "local",
+        help="local: the benchmark files shipped with the package (or --benchmarks-dir); "
+        "hub: download the Hugging Face datasets instead.",
+    ),
+    benchmarks_dir: Path | None = typer.Option(
+        None,
+        help="A folder of benchmark JSONL files to read instead of the embedded copy "
+        "(default: $REASONING_BENCHMARKS_DIR if set).",
+    ),
 ) -> None:
     """Evaluate a checkpoint: avg@n, pass@k, maj@n per benchmark; results JSON + samples JSONL."""
+    from reasoning.eval.benchmarks import BenchmarkUnavailableError
     from reasoning.eval.evaluate import evaluate
 
     if output_dir is None:
         local = Path(model)
         output_dir = local / "eval" if local.is_dir() else Path("runs/eval") / model.replace("/", "--")
     names = [b.strip() for b in benchmarks.split(",") if b.strip()]
+    engine_kwargs = None
+    if max_model_len is not None:
+        if engine != "vllm":
+            _fail(
+                f"--max-model-len sizes the context of --engine vllm, not {engine} (vllm-server: start the "
+                "servers with --max-model-len; hf: the model's own context applies)"
+            )
+        engine_kwargs = {"max_model_len": max_model_len}
     common = dict(
         top_p=top_p,
         max_tokens=max_tokens,
@@ -82,6 +116,10 @@ def eval_command(
         batch_size=batch_size,
         output_dir=output_dir,
         console=console,
+        benchmark_source=benchmark_source,
+        benchmarks_dir=benchmarks_dir,
+        engine_kwargs=engine_kwargs,
+        device=device,
     )
     try:
         if scaling is not None:
@@ -97,7 +135,7 @@ def eval_command(
             )
         else:
             evaluate(model, names, n=n, temperature=temperature, **common)
-    except ValueError as err:
+    except (ValueError, BenchmarkUnavailableError) as err:
         _fail(str(err))
     console.print(f"results: {output_dir / 'results.json'}; samples: {output_dir / 'samples.jsonl'}")
 

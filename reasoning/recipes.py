@@ -9,6 +9,7 @@ key, its section and the closest valid key. Command-line overrides use dotted ke
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -85,7 +86,14 @@ class RolloutConfig:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1 = off)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
     max_tokens: int = field(default=256, metadata={"help": "Maximum completion length in tokens."})
-    engine_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Passed to the engine."})
+    engine_kwargs: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Passed to the engine. vllm: max_model_len defaults to the longest kept training "
+            "prompt + max_tokens (+ answer tokens sampled after a trace); a value that cannot hold that, or "
+            "one above the model's context, is an error before training."
+        },
+    )
 
 
 @dataclass
@@ -107,7 +115,25 @@ class EvalConfig:
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy."})
     limit: int | None = field(default=None, metadata={"help": "Problems per benchmark."})
     engine: str = field(default="hf", metadata={"help": "Engine used for evaluation."})
+    max_tokens: int | None = field(
+        default=None, metadata={"help": "Token budget of a completion (default: each benchmark's own)."}
+    )
+    engine_kwargs: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Passed to the evaluation engine: vllm max_model_len (default: the longest prompt + the "
+            "budget), hf device (default: the run's device). Lengths are checked before training."
+        },
+    )
     before: bool = field(default=False, metadata={"help": "Also evaluate the starting model."})
+    steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Also evaluate the policy during training, with the run's own engine: at step 0, every this "
+            "many optimizer steps and at the last step (eval/<benchmark>/avg@n, pass@k, maj@n, mean_length "
+            "and time/eval in metrics.jsonl, report_to and the report). null = only before/after training."
+        },
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -570,6 +596,9 @@ def check_recipe(recipe: Recipe) -> TrainingArguments:
         )
     if recipe.eval.n < 1:
         raise RecipeError(f"eval.n must be at least 1, got {recipe.eval.n}")
+    _check_eval_engine(recipe.eval)
+    if recipe.eval.steps is not None:
+        _check_eval_steps(recipe)
     if recipe.data.limit is not None and recipe.data.limit < 1:
         raise RecipeError(f"data.limit must be at least 1 (or null for all records), got {recipe.data.limit}")
     functions = reward_functions(recipe.reward)
@@ -579,6 +608,7 @@ def check_recipe(recipe: Recipe) -> TrainingArguments:
             f"reward.weights has {len(weights)} values for {len(functions)} reward.functions "
             f"{recipe.reward.functions}; give one weight per function"
         )
+    check_launch(recipe)  # before TrainingArguments, which sets DeepSpeed up under a DeepSpeed launch
     args = training_arguments(recipe)
     if args.learning_rate < 0:
         raise RecipeError(f"training.learning_rate must not be negative, got {args.learning_rate}")
@@ -601,6 +631,115 @@ def check_recipe(recipe: Recipe) -> TrainingArguments:
                 )
         build_sampling(recipe, args.seed)
     return args
+
+
+def _check_eval_steps(recipe: Recipe) -> None:
+    """`eval.steps` evaluates one policy, trained by optimizer steps, that generates text."""
+    steps, trainer = recipe.eval.steps, recipe.trainer
+    if steps < 1:
+        raise RecipeError(
+            f"eval.steps must be at least 1 (or null: evaluate only before/after training), got {steps}"
+        )
+    if not recipe.eval.benchmarks:
+        raise RecipeError(
+            "eval.steps evaluates eval.benchmarks during training, but eval.benchmarks is empty; name some "
+            "(e.g. eval.benchmarks: [addition]) or remove eval.steps"
+        )
+    if trainer == "variational":
+        raise RecipeError(
+            "eval.steps needs a trainer that trains one policy step by step; trainer 'variational' is a pipeline "
+            "of stages (prior, posterior and final SFT, each its own model). Remove eval.steps: the final model "
+            "is evaluated on eval.benchmarks after training"
+        )
+    if trainer == "latent_thought":
+        raise RecipeError(
+            "eval.steps evaluates a policy that answers by generation alone; a latent thought model answers "
+            "through posterior inference over its latent vectors. Remove eval.steps and use "
+            "latent_thought.heldout (ELBO perplexity bound and few-shot accuracy after training)"
+        )
+
+
+def check_launch(recipe: Recipe, env: typing.Mapping[str, str] | None = None) -> None:
+    """What the launch (the environment `accelerate launch` / torchrun set) must agree with.
+
+    The variational pipeline runs in one process without DeepSpeed (`single_process_problem`); a
+    DeepSpeed launch's mixed precision must be the recipe's (`check_launch_precision`).
+    """
+    values = training_values(recipe)
+    if recipe.trainer == "variational":
+        from reasoning.trainers.variational import single_process_problem
+
+        problem = single_process_problem(values, env)
+        if problem is not None:
+            raise RecipeError(f"trainer 'variational': {problem}")
+    check_launch_precision(values, env)
+
+
+# `accelerate launch` mixed precision -> the TrainingArguments flag that must be on (fp8 trains in bf16 autocast)
+_PRECISION_FLAGS = {"bf16": "bf16", "fp16": "fp16", "fp8": "bf16"}
+
+
+def _deepspeed_config(value: Any) -> dict | None:
+    """`training.deepspeed` as a dict (it may be a JSON file's path); None when absent or unreadable."""
+    import json
+
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str) and Path(value).expanduser().is_file():
+        try:
+            loaded = json.loads(Path(value).expanduser().read_text())
+        except (OSError, ValueError):
+            return None  # TrainingArguments reports an unreadable config itself
+        return loaded if isinstance(loaded, dict) else None
+    return None
+
+
+def check_launch_precision(training: dict[str, Any], env: typing.Mapping[str, str] | None = None) -> None:
+    """Under DeepSpeed, the launch's mixed precision and the DeepSpeed config's must be training.bf16 / fp16.
+
+    `accelerate launch` with a DeepSpeed config exports ACCELERATE_USE_DEEPSPEED=true and
+    ACCELERATE_MIXED_PRECISION (the config's `mixed_precision`, e.g. bf16 in recipes/accelerate/zero*.yaml,
+    or `--mixed_precision`). transformers then builds the DeepSpeed config with `bf16.enabled: true`
+    (accelerate's `DeepSpeedPlugin.set_mixed_precision`) and, when training starts and the model is
+    already loaded, `HfTrainerDeepSpeedConfig.trainer_config_finalize` refuses it against
+    `TrainingArguments.bf16 = False`: "Please correct the following DeepSpeed config values that mismatch
+    TrainingArguments values: - ds bf16.enabled=True vs hf bf16|bf16_full_eval=False". An explicit
+    (not "auto") `bf16.enabled` / `fp16.enabled` in `training.deepspeed` is compared the same way.
+    Plain DDP launches are not checked: there transformers lets training.bf16 / fp16 decide.
+    """
+    env = os.environ if env is None else env
+    recipe_flags = {key: bool(training.get(key) or training.get(f"{key}_full_eval")) for key in ("bf16", "fp16")}
+    config = _deepspeed_config(training.get("deepspeed"))
+    for key in ("bf16", "fp16"):
+        section = (config or {}).get(key)
+        value = section.get("enabled") if isinstance(section, dict) else None
+        if value is not None and value != "auto" and value != recipe_flags[key]:
+            raise RecipeError(
+                f"training.deepspeed sets {key}.enabled: {value} but training.{key} is {recipe_flags[key]}: "
+                "transformers stops such a run when training starts (\"DeepSpeed config values that mismatch "
+                f"TrainingArguments values\"). Set training.{key}: {str(value).lower()}, or {key}.enabled: auto "
+                "in the DeepSpeed config"
+            )
+    deepspeed = bool(training.get("deepspeed")) or env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in (
+        "true",
+        "1",
+        "yes",
+    )
+    launch = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    flag = _PRECISION_FLAGS.get(launch)
+    if not deepspeed or flag is None:
+        return
+    recipe_precision = "bf16" if recipe_flags["bf16"] else "fp16" if recipe_flags["fp16"] else None
+    if recipe_precision != flag:
+        raise RecipeError(
+            f"this launch runs DeepSpeed in {launch} (ACCELERATE_MIXED_PRECISION={launch}: the accelerate config's "
+            f"mixed_precision, or --mixed_precision) but the recipe trains in {recipe_precision or 'fp32'} "
+            f"(training.{flag}: {str(recipe_flags[flag]).lower()}); transformers' DeepSpeed config check would stop "
+            f"the run once the model is loaded (\"ds {flag}.enabled=True vs hf {flag}|{flag}_full_eval=False\"). "
+            f"Set training.{flag}: true{' and training.' + recipe_precision + ': false' if recipe_precision else ''} "
+            f"in the recipe (or pass --training.{flag} true), or launch with --mixed_precision "
+            f"{recipe_precision or 'no'}"
+        )
 
 
 def _check_generation_sizes(name: str, config: Any, args: TrainingArguments) -> None:
@@ -661,42 +800,63 @@ def load_training_records(recipe: Recipe, args: TrainingArguments):
     return records
 
 
-def check_prompt_lengths(recipe: Recipe, records, model, tokenizer) -> None:
-    """Rollout trainers: every training prompt plus rollout.max_tokens fits the context.
+def check_prompt_lengths(recipe: Recipe, records, model, tokenizer) -> int | None:
+    """Rollout trainers: every kept training prompt plus what is generated after it fits the context.
 
-    The context is the model's max_position_embeddings (or rollout.engine_kwargs.max_model_len
-    when smaller). Prompts longer than `<trainer>.max_prompt_length` are dropped by the trainer, so
-    with that set it is the cap that must fit, and some prompt must remain.
+    Returns the rollout engine's `max_model_len` need: the longest kept prompt + the tokens generated
+    after it (None for trainers without rollouts). Generated after a prompt: rollout.max_tokens, plus
+    `<trainer>.answer_max_tokens` where answers are sampled after a trace (variational_online with
+    estimator acc). Prompts: the prior prompts and, for trainers with a hint (covrl,
+    variational_online), the posterior prompts. The context is the model's (`context_length`:
+    max_position_embeddings, or a smaller tokenizer model_max_length), or
+    rollout.engine_kwargs.max_model_len when smaller (one above the model's context is an error:
+    vLLM refuses it). Prompts longer than `<trainer>.max_prompt_length` are dropped by the trainer,
+    so with that set it is the cap that must fit, and some prompt must remain.
     """
     from reasoning.data.templates import encode, template_for
+    from reasoning.rollout import context_length
     from reasoning.trainers.base import RolloutTrainerConfig
 
     config, name = recipe.method, recipe.trainer
     if not isinstance(config, RolloutTrainerConfig):
-        return
-    context, source = (
-        getattr(model.config, "max_position_embeddings", None),
-        "the model's max_position_embeddings",
-    )
+        return None
+    context, source = context_length(model.config, tokenizer)
     max_model_len = recipe.rollout.engine_kwargs.get("max_model_len")
-    if isinstance(max_model_len, int) and (context is None or max_model_len < context):
+    if isinstance(max_model_len, int):
+        if context is not None and max_model_len > context:
+            raise RecipeError(
+                f"rollout.engine_kwargs.max_model_len ({max_model_len}) is above the model's context of "
+                f"{context} tokens ({source}), which vLLM refuses; set it to at most {context}, or remove it "
+                "(the default is the longest kept prompt + the tokens generated after it)"
+            )
         context, source = max_model_len, "rollout.engine_kwargs.max_model_len"
+    tokens, generated = recipe.rollout.max_tokens, f"rollout.max_tokens ({recipe.rollout.max_tokens})"
+    if getattr(config, "estimator", None) == "acc" and getattr(config, "answer_max_tokens", None):
+        # answers are sampled after prompt + trace (+ marker, within the trace's budget)
+        tokens += config.answer_max_tokens
+        generated += f" + {name}.answer_max_tokens ({config.answer_max_tokens})"
+    template = template_for(tokenizer)
+    lengths = [len(encode(tokenizer, template.prior_prompt(q, tokenizer))) for q in records["question"]]
+    hint = getattr(config, "hint_column", None)
+    if hint is not None and hint in records.column_names:  # the engine also samples from posterior prompts
+        texts = [
+            template.posterior_prompt(q, str(h), tokenizer, hint_after=config.hint_after)
+            for q, h in zip(records["question"], records[hint])
+        ]
+        lengths = [max(prior, len(encode(tokenizer, text))) for prior, text in zip(lengths, texts)]
     if context is None:
-        return
-    tokens = recipe.rollout.max_tokens
+        return max(lengths) + tokens
     budget = context - tokens
     if budget < 1:
         raise RecipeError(
-            f"rollout.max_tokens ({tokens}) leaves no room for a prompt in a context of {context} tokens "
+            f"{generated} leaves no room for a prompt in a context of {context} tokens "
             f"({source}); lower rollout.max_tokens"
         )
-    template = template_for(tokenizer)
-    lengths = [len(encode(tokenizer, template.prior_prompt(q, tokenizer))) for q in records["question"]]
     cap = config.max_prompt_length
     if cap is not None:
         if cap > budget:
             raise RecipeError(
-                f"{name}.max_prompt_length ({cap}) + rollout.max_tokens ({tokens}) exceeds the context of "
+                f"{name}.max_prompt_length ({cap}) + {generated} exceeds the context of "
                 f"{context} tokens ({source}); set {name}.max_prompt_length to at most {budget}"
             )
         if min(lengths) > cap:
@@ -704,14 +864,87 @@ def check_prompt_lengths(recipe: Recipe, records, model, tokenizer) -> None:
                 f"every training prompt is longer than {name}.max_prompt_length ({cap} tokens; the shortest has "
                 f"{min(lengths)}), so none would be kept; raise it (at most {budget}) or use other data"
             )
-        return
+        return max(length for length in lengths if length <= cap) + tokens
     too_long = sum(length > budget for length in lengths)
     if too_long:
         raise RecipeError(
             f"{too_long} of {len(lengths)} training prompts do not fit: the longest has {max(lengths)} tokens, "
-            f"and a prompt plus rollout.max_tokens ({tokens}) must fit in {context} tokens ({source}); set "
+            f"and a prompt plus {generated} must fit in {context} tokens ({source}); set "
             f"{name}.max_prompt_length: {budget} to drop the longer prompts, or lower rollout.max_tokens"
         )
+    return max(lengths) + tokens
+
+
+def _check_eval_engine(config: EvalConfig) -> None:
+    """eval.max_tokens is a budget; eval.engine_kwargs.max_model_len belongs to a vllm engine."""
+    if config.max_tokens is not None and config.max_tokens < 1:
+        raise RecipeError(
+            f"eval.max_tokens must be at least 1 (null: each benchmark's own budget), got {config.max_tokens}"
+        )
+    if "max_model_len" in config.engine_kwargs and config.engine != "vllm":
+        raise RecipeError(
+            f"eval.engine_kwargs.max_model_len sizes a vllm engine; eval.engine is {config.engine!r} "
+            "(vllm-server: start the servers with --max-model-len; hf: the model's own context applies)"
+        )
+
+
+def check_eval_lengths(recipe: Recipe, model, tokenizer) -> int | None:
+    """The `eval:` section's benchmarks fit: each one's longest prompt + budget (eval.max_tokens or its
+    own) within the model's context, and within eval.engine_kwargs.max_model_len when given (vllm).
+    Checked before training, so that a budget the model cannot hold fails now, not after training.
+    Returns the largest prompt + budget (None without benchmarks)."""
+    from reasoning.data.templates import template_for
+    from reasoning.eval.benchmarks import BENCHMARKS, BenchmarkUnavailableError, load_benchmark
+    from reasoning.eval.evaluate import check_model_context, length_needs, vllm_lengths
+    from reasoning.rollout import context_length
+
+    config = recipe.eval
+    if not config.benchmarks:
+        return None
+    try:
+        problems = {name: load_benchmark(name, limit=config.limit) for name in config.benchmarks}
+    except BenchmarkUnavailableError as err:
+        raise RecipeError(f"eval.benchmarks: {err}") from err
+    budgets = {name: config.max_tokens or BENCHMARKS[name].max_tokens for name in config.benchmarks}
+    needs = length_needs(tokenizer, template_for(tokenizer), problems, budgets)
+    try:
+        check_model_context(needs, *context_length(model.config, tokenizer))
+        if config.engine == "vllm":
+            vllm_lengths(needs, config.engine_kwargs)
+    except ValueError as err:
+        raise RecipeError(f"section 'eval': {err}") from err
+    return max(need.total for need in needs)
+
+
+def _lend_for_evaluation(recipe: Recipe, rollout_len: int, eval_len: int) -> int:
+    """`eval.steps` evaluates with the rollout engine, so a vLLM engine must also hold the benchmarks'
+    prompt + budget: the larger need, checked against an explicit rollout max_model_len."""
+    if recipe.rollout.engine != "vllm":
+        return rollout_len
+    explicit = recipe.rollout.engine_kwargs.get("max_model_len")
+    if isinstance(explicit, int) and explicit < eval_len:
+        raise RecipeError(
+            f"eval.steps evaluates eval.benchmarks with the rollout engine, whose max_model_len "
+            f"(rollout.engine_kwargs.max_model_len: {explicit}) cannot hold a benchmark prompt + its budget "
+            f"({eval_len} tokens); raise it to {eval_len}, remove it (then it is sized for both), or lower "
+            "eval.max_tokens"
+        )
+    return max(rollout_len, eval_len)
+
+
+@contextlib.contextmanager
+def _whole_models() -> typing.Iterator[None]:
+    """Models loaded in the block are whole, as an evaluation engine needs: under a ZeRO-3 config
+    transformers would partition them at construction (`zero.Init`, a collective, which rank 0
+    evaluating alone after training would wait on forever). The config is restored afterwards."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    zero3 = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = zero3
 
 
 def run(recipe: Recipe, console=None) -> dict[str, Any]:
@@ -724,6 +957,7 @@ def run(recipe: Recipe, console=None) -> dict[str, Any]:
     from reasoning.eval.evaluate import evaluate
     from reasoning.trainers.callbacks import JsonlMetricsCallback, attach_run_callbacks
     from reasoning.trainers.checkpoint import save_final_model
+    from reasoning.trainers.evaluation import step_evaluation
 
     console = console or Console(stderr=True)
     args = check_recipe(recipe)  # everything that can be checked before a model is built
@@ -733,24 +967,31 @@ def run(recipe: Recipe, console=None) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "trainer": recipe.trainer}
     model, tokenizer, start_path = load_model_and_tokenizer(recipe.model, run_dir)
+    rollout_len = None  # the rollout engine's max_model_len need (prompt + generated tokens)
     if records is not None:  # checks that need the tokenizer and the model's context, before any work
-        check_prompt_lengths(recipe, records, model, tokenizer)
+        rollout_len = check_prompt_lengths(recipe, records, model, tokenizer)
+    eval_len = check_eval_lengths(recipe, model, tokenizer)
+    if rollout_len is not None and eval_len is not None and recipe.eval.steps is not None:
+        rollout_len = _lend_for_evaluation(recipe, rollout_len, eval_len)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
     def run_eval(path: str, name: str) -> dict[str, Any] | None:
         if not recipe.eval.benchmarks:
             return None
-        return evaluate(
-            path,
-            recipe.eval.benchmarks,
-            n=recipe.eval.n,
-            temperature=recipe.eval.temperature,
-            limit=recipe.eval.limit,
-            engine=recipe.eval.engine,
-            dtype=recipe.model.dtype,
-            output_dir=run_dir / "eval" / name,
-            console=console,
-        )
+        with _whole_models():
+            return evaluate(
+                path,
+                recipe.eval.benchmarks,
+                n=recipe.eval.n,
+                temperature=recipe.eval.temperature,
+                limit=recipe.eval.limit,
+                max_tokens=recipe.eval.max_tokens,
+                engine=recipe.eval.engine,
+                engine_kwargs=recipe.eval.engine_kwargs or None,
+                dtype=recipe.model.dtype,
+                output_dir=run_dir / "eval" / name,
+                console=console,
+            )
 
     if recipe.eval.before:
         summary["before"] = run_eval(start_path, "before")
@@ -766,8 +1007,12 @@ def run(recipe: Recipe, console=None) -> dict[str, Any]:
             write_run_report(run_dir, console)
             return summary
         callbacks = [JsonlMetricsCallback(run_dir / "metrics.jsonl")]
-        trainer = build_trainer(recipe, model, tokenizer, records, args, callbacks, start_path)
+        trainer = build_trainer(
+            recipe, model, tokenizer, records, args, callbacks, start_path, max_model_len=rollout_len
+        )
         attach_run_callbacks(trainer)  # key metrics in the progress bar; completions to report_to
+        if recipe.eval.steps is not None:  # after JsonlMetricsCallback: it rewinds metrics.jsonl first
+            trainer.add_callback(step_evaluation(trainer, recipe.eval))
         start = time.monotonic()
         try:
             trainer.train(resume_from_checkpoint=latest_checkpoint(run_dir))
@@ -841,8 +1086,14 @@ def reward_functions(config: RewardConfig) -> list:
     return [available[name] for name in config.functions]
 
 
-def build_engine(recipe: Recipe, model, tokenizer, model_path: str):
-    """The rollout engine: `hf` wraps the live policy; `vllm` loads the starting checkpoint."""
+def build_engine(recipe: Recipe, model, tokenizer, model_path: str, max_model_len: int | None = None):
+    """The rollout engine: `hf` wraps the live policy; `vllm` loads the starting checkpoint.
+
+    `max_model_len`: what the rollouts need (`check_prompt_lengths`: longest kept prompt + generated
+    tokens). A `vllm` engine gets it unless rollout.engine_kwargs sets its own (without either: the
+    model's context); an engine with a smaller `max_model_len` of its own (vLLM servers) is an error,
+    since its completions would stop early with finish reason "length".
+    """
     from reasoning.rollout import make_engine
     from reasoning.rollout.hf import HFEngine
 
@@ -851,7 +1102,19 @@ def build_engine(recipe: Recipe, model, tokenizer, model_path: str):
         if config.engine == "hf":
             return HFEngine(model=model, tokenizer=tokenizer, **config.engine_kwargs)
         kwargs = {"dtype": recipe.model.dtype, **config.engine_kwargs}
-        return make_engine(config.engine, model_path, **kwargs)
+        if config.engine == "vllm" and max_model_len is not None:
+            kwargs.setdefault("max_model_len", max_model_len)
+        engine = make_engine(config.engine, model_path, **kwargs)
+        limit = getattr(engine, "max_model_len", None)
+        if max_model_len is not None and isinstance(limit, int) and limit < max_model_len:
+            engine.close()
+            raise RecipeError(
+                f"the {config.engine} engine's max_model_len is {limit} tokens, but the rollouts need "
+                f"{max_model_len} (the longest kept prompt + rollout.max_tokens): completions would stop early "
+                f"with finish reason 'length'; serve the model with --max-model-len {max_model_len}, or lower "
+                f"rollout.max_tokens or {recipe.trainer}.max_prompt_length"
+            )
+        return engine
     except TypeError as err:
         raise RecipeError(
             f"section 'rollout': engine_kwargs {sorted(config.engine_kwargs)} are not all accepted by the "
@@ -902,9 +1165,16 @@ def build_pipeline(recipe: Recipe, records, base_path: str, console=None):
 
 
 def build_trainer(
-    recipe: Recipe, model, tokenizer, records, args: TrainingArguments, callbacks: list, model_path: str
+    recipe: Recipe,
+    model,
+    tokenizer,
+    records,
+    args: TrainingArguments,
+    callbacks: list,
+    model_path: str,
+    max_model_len: int | None = None,
 ):
-    """The trainer object for `recipe.trainer`."""
+    """The trainer object for `recipe.trainer`; `max_model_len` goes to `build_engine`."""
     from reasoning.trainers.sft import make_sft_trainer
 
     if recipe.trainer == "sft":
@@ -926,7 +1196,7 @@ def build_trainer(
             processing_class=tokenizer,
             reward_funcs=reward_functions(recipe.reward),
             reward_weights=recipe.reward.weights,
-            engine=build_engine(recipe, model, tokenizer, model_path),
+            engine=build_engine(recipe, model, tokenizer, model_path, max_model_len),
             sampling=build_sampling(recipe, args.seed),
             callbacks=callbacks,
         )

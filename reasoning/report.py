@@ -2,16 +2,18 @@
 
 `reasoning report RUN_DIR [RUN_DIR ...]` reads what `reasoning train` / `reasoning demo` write:
 
-- `metrics.jsonl` (one line per logging step: step, epoch, time and the logged metrics); the
-  variational pipeline writes one per SFT stage (`prior/`, `posterior/`, `final_sft/`), each
-  drawn as its own series;
+- `metrics.jsonl` (one line per logging step: step, epoch, time and the logged metrics; with
+  `eval.steps`, one more line per evaluation during training: `eval/<benchmark>/<metric>` and
+  `time/eval`); the variational pipeline writes one per SFT stage (`prior/`, `posterior/`,
+  `final_sft/`), each drawn as its own series;
 - `completions.jsonl` (sampled completions with their rewards) and `eval/*/results.json` with
   `samples.jsonl` (graded evaluation completions);
 - figures a run drew itself (`*.png`, e.g. the variational pipeline's IWAE-bound curves).
 
-Metric names differ per trainer, so plots are found by name: known groups first (reward,
-accuracy, response length, KL / divergences, log Ẑ, entropy, clip fraction, loss, ...), then
-one panel per remaining name prefix (`gfn/`, `bayes/`, `diversity/`, ...). Several run
+Metric names differ per trainer, so plots are found by name: one panel per benchmark evaluated
+during training (`eval/<benchmark>/avg@n`, `pass@k`, `maj@n` against the step) first, then known
+groups (reward, accuracy, response length, KL / divergences, log Ẑ, entropy, clip fraction, loss,
+...), then one panel per remaining name prefix (`gfn/`, `bayes/`, `diversity/`, ...). Several run
 directories are overlaid in every panel (one colour per run). Plots are matplotlib PNGs embedded
 as data URIs and the page's only script filters the completions table, so the file can be
 mailed, archived or opened offline.
@@ -207,14 +209,20 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
 def group_metrics(names: list[str]) -> list[tuple[str, list[str]]]:
     """Panels (title, metric names) for a set of metric names, in the order a reader wants them.
 
+    Evaluations during training (`eval/<benchmark>/avg@n`, `pass@k`, `maj@n`) come first, one panel
+    per benchmark.
     Timing metrics (`time/...`) are left out: they get their own stacked chart. Names no known
     group takes are grouped by their first path component (`gfn/log_reward` -> "gfn"), the rest
     under "other".
     """
+    evaluations: dict[str, list[str]] = defaultdict(list)
     panels: dict[str, list[str]] = {title: [] for title, _ in PANELS}
     rest: dict[str, list[str]] = defaultdict(list)
     for name in names:
         if name.startswith("time/") or name in NOT_METRICS or name.startswith("train_"):
+            continue
+        if re.match(r"eval/[^/]+/(avg|pass|maj)@", name):  # (eval/<benchmark>/mean_length: a length)
+            evaluations[f"Evaluation during training ({name.split('/')[1]})"].append(name)
             continue
         for title, pattern in PANELS:
             if re.search(pattern, name):
@@ -223,7 +231,11 @@ def group_metrics(names: list[str]) -> list[tuple[str, list[str]]]:
         else:
             rest[name.split("/", 1)[0] if "/" in name else "other"].append(name)
     ordered = [(title, members) for title, members in panels.items() if members]
-    return ordered + sorted(rest.items(), key=lambda item: (item[0] == "other", item[0]))
+    return [
+        *evaluations.items(),
+        *ordered,
+        *sorted(rest.items(), key=lambda item: (item[0] == "other", item[0])),
+    ]
 
 
 Line = tuple[int, str]  # (index of the series, metric name)
@@ -313,6 +325,15 @@ def plot_panel(title: str, lines: list[Line], series: list[Series]) -> str | Non
     return _finish(figure, ax, title)
 
 
+def records_by_step(records: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """Step -> the union of the records logged at it (an evaluation during training logs its own
+    record, with time/eval, at the step of a training log)."""
+    by_step: dict[Any, dict[str, Any]] = {}
+    for i, record in enumerate(records):
+        by_step.setdefault(record.get("step", i), {}).update(record)
+    return by_step
+
+
 def plot_timing(s: Series) -> str | None:
     """Stacked bars of the `time/...` metrics (mean seconds per call over each logging window)
     and a line of wall seconds per optimizer step, Δtime / Δstep between logged records."""
@@ -330,9 +351,13 @@ def plot_timing(s: Series) -> str | None:
     if not names and not step_time:
         return None
     figure, ax = _figure()
-    steps = [r.get("step", i) for i, r in enumerate(s.records)]
+    by_step = records_by_step(s.records)  # one bar per step
+    steps = list(by_step)
     heights = [
-        [float(r[name]) if _is_number(r.get(name)) and math.isfinite(r[name]) else 0.0 for r in s.records]
+        [
+            float(r[name]) if _is_number(r.get(name)) and math.isfinite(r[name]) else 0.0
+            for r in by_step.values()
+        ]
         for name in names
     ]
     colours = [f"C{i % 10}" for i in range(len(names))]
@@ -351,6 +376,43 @@ def plot_timing(s: Series) -> str | None:
     ax.set_xlabel("step")
     ax.set_ylabel("seconds")
     return _finish(figure, ax, f"Timing: {s.label}")
+
+
+def timing_rows(series: list[Series]) -> list[dict[str, Any]]:
+    """Per series and `time/...` metric: the records that logged it and the mean and largest value,
+    i.e. seconds per call (time/eval: one record per evaluation, so exactly the cost of each call)."""
+    rows = []
+    for s in series:
+        for name in (n for n in s.metric_names() if n.startswith("time/")):
+            _, values = s.values(name)
+            if values:
+                rows.append(
+                    {
+                        "series": s.label,
+                        "phase": name,
+                        "records": len(values),
+                        "mean": math.fsum(values) / len(values),
+                        "max": max(values),
+                    }
+                )
+    return rows
+
+
+def _timing_table(runs: list[Run]) -> str:
+    rows = timing_rows([s for run in runs for s in run.series])
+    if not rows:
+        return ""
+    lines = [
+        "<table><tr><th>series</th><th>phase</th><th>records</th><th>mean s per call</th>"
+        "<th>max s per call</th></tr>"
+    ]
+    lines += [
+        f"<tr><td>{_e(row['series'])}</td><td>{_e(row['phase'])}</td><td class=num>{row['records']}</td>"
+        f"<td class=num>{row['mean']:.3g}</td><td class=num>{row['max']:.3g}</td></tr>"
+        for row in rows
+    ]
+    lines.append("</table>")
+    return "\n".join(lines)
 
 
 def _metric_sort_key(key: str) -> tuple[int, int, str]:
@@ -688,8 +750,10 @@ def render_report(
         sections += [
             "<h2 id=timing>Timing per step</h2>",
             "<p>Bars: mean seconds per call of each timed phase over the logging window (generation, weight "
-            "sync, reward, ...); line: wall-clock seconds per optimizer step.</p>",
+            "sync, reward, ..., and an evaluation during training, time/eval, at its step); line: wall-clock "
+            "seconds per optimizer step. Table: the same per phase over the run.</p>",
             '<div class="grid">' + "".join(timing) + "</div>",
+            _timing_table(runs),
         ]
     sections += ["<h2 id=evaluation>Evaluation</h2>", _evaluation_section(runs)]
     figures = _figures_section(runs)

@@ -1,22 +1,23 @@
 """Benchmark definitions: where the problems live and how an answer is read and graded.
 
-Real benchmarks read the local JSONL copies in `shared/benchmarks` (found from the environment
-variable REASONING_BENCHMARKS_DIR, else by walking up from the working directory and from
-this package) and fall back to the Hugging Face hub for users. Field names differ per file
-and are mapped here. Synthetic benchmarks are held-out problems of the embedded tasks.
+The real benchmarks ship with the package as JSONL files in `reasoning/eval/data/` (sources, row
+counts and licences in its README.md) and are read from there by default. A user may point at
+another folder of the same files (`data_dir=`, or the environment variable
+REASONING_BENCHMARKS_DIR) or ask for the Hugging Face hub explicitly (`source="hub"`); nothing is
+looked up anywhere else. Field names differ per file and are mapped here. Synthetic benchmarks are
+held-out problems of the embedded tasks, generated in process.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reasoning.rewards.math import grade, last_boxed
+from reasoning.rewards.math import answer_letter, grade, last_boxed
 
 Record = dict[str, Any]
 
@@ -50,10 +51,9 @@ def _sat_question(row: Record) -> str:
 
 
 def _grade_choice(response: str, record: Record) -> bool:
-    boxed = last_boxed(response[-4000:])
-    text = boxed if boxed is not None else response[-200:]
-    letters = re.findall(r"\b([A-D])\b", text)
-    return bool(letters) and letters[-1] == str(record["answer"]).strip()
+    """The option letter the response chose (`answer_letter`: its box, else its "answer is X"
+    phrase, ...) equals the gold letter; a letter mentioned later in passing does not count."""
+    return answer_letter(response) == str(record["answer"]).strip().strip("()").upper()
 
 
 def _field(name: str) -> Callable[[Record], str]:
@@ -200,55 +200,136 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 
-def benchmarks_dir() -> Path | None:
-    """The folder with the local benchmark files, if one can be found."""
-    env = os.environ.get("REASONING_BENCHMARKS_DIR")
-    if env:
-        return Path(env)
-    for start in (Path.cwd(), Path(__file__).resolve()):
-        for folder in [start, *start.parents]:
-            candidate = folder / "shared" / "benchmarks"
-            if candidate.is_dir():
-                return candidate
-            sibling = folder.parent / "shared" / "benchmarks"
-            if sibling.is_dir():
-                return sibling
-    return None
+BENCHMARKS_DIR_ENV = "REASONING_BENCHMARKS_DIR"
+SOURCES = ("local", "hub")
 
 
-def _hub_rows(bench: Benchmark) -> list[Record]:
-    from datasets import load_dataset
-
-    if bench.hub is None:
-        raise FileNotFoundError(f"no local file for benchmark {bench.name!r} and no hub location")
-    name, config, split = bench.hub
-    return list(load_dataset(name, config, split=split))
+class BenchmarkUnavailableError(OSError):
+    """A benchmark's problems could not be read: a missing local file, or an unreachable hub."""
 
 
-def load_benchmark(name: str, limit: int | None = None, data_dir: str | Path | None = None) -> list[Record]:
-    """Records {id, question, answer, solution, ...} of a benchmark (first `limit` problems)."""
+def embedded_benchmarks_dir() -> Path:
+    """The folder of benchmark files shipped inside the package (installed with it as package data)."""
+    return Path(__file__).resolve().parent / "data"
+
+
+def benchmark_file(name: str, data_dir: str | Path | None = None) -> Path:
+    """The local JSONL file `load_benchmark(name, data_dir=data_dir)` reads: in `data_dir`, else in
+    $REASONING_BENCHMARKS_DIR, else in the embedded folder. The file need not exist."""
+    bench = _known(name)
+    if bench.file is None:
+        raise ValueError(f"benchmark {name!r} is generated in process and has no file")
+    return _local_folder(data_dir)[0] / bench.file
+
+
+def benchmark_origin(source: str = "local", data_dir: str | Path | None = None) -> str:
+    """Where `load_benchmark` with these arguments reads problems from ("hub", or the local folder),
+    for results files."""
+    if source not in SOURCES:
+        raise ValueError(f"benchmark source must be one of {', '.join(SOURCES)}, got {source!r}")
+    return "hub" if source == "hub" else str(_local_folder(data_dir)[0])
+
+
+def _known(name: str) -> Benchmark:
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; known benchmarks: {', '.join(sorted(BENCHMARKS))}")
-    bench = BENCHMARKS[name]
+    return BENCHMARKS[name]
+
+
+def _local_folder(data_dir: str | Path | None) -> tuple[Path, str]:
+    """(folder, how it was chosen) for the local files."""
+    if data_dir is not None and str(data_dir) != "":
+        return Path(data_dir), "data_dir"
+    env = os.environ.get(BENCHMARKS_DIR_ENV)
+    if env:
+        return Path(env), f"${BENCHMARKS_DIR_ENV}"
+    return embedded_benchmarks_dir(), "the copy embedded in the package"
+
+
+def _local_rows(bench: Benchmark, data_dir: str | Path | None) -> tuple[list[Record], str]:
+    folder, chosen_by = _local_folder(data_dir)
+    path = folder / bench.file
+    if not path.is_file():
+        hub = f"source='hub' (CLI: --benchmark-source hub) to download {bench.hub[0]}" if bench.hub else ""
+        fixes = [
+            f"put {bench.file} in {folder}",
+            "point data_dir (CLI: --benchmarks-dir) at a folder that has it",
+            f"unset {BENCHMARKS_DIR_ENV} to use the embedded copy" if chosen_by.startswith("$") else "",
+            hub,
+        ]
+        raise BenchmarkUnavailableError(
+            f"benchmark {bench.name!r}: no file {bench.file} in {folder} (the folder given by {chosen_by}); "
+            f"{'; or '.join(f for f in fixes if f)}"
+        )
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows, str(path)
+
+
+def _hub_rows(bench: Benchmark) -> tuple[list[Record], str]:
+    if bench.hub is None:
+        raise ValueError(f"benchmark {bench.name!r} has no hub location; load it from its local file")
+    dataset, config, split = bench.hub
+    where = f"{dataset}" + (f" (config {config})" if config else "") + f", split {split}"
+    from datasets import load_dataset
+
+    try:
+        rows = list(load_dataset(dataset, config, split=split))
+    except Exception as err:  # offline, unknown dataset, renamed split: all mean "no hub copy"
+        raise BenchmarkUnavailableError(
+            f"benchmark {bench.name!r}: could not load {where} from the Hugging Face hub "
+            f"({type(err).__name__}: {err}). The hub is used only when asked for (source='hub'); "
+            f"without it the embedded copy in {embedded_benchmarks_dir()} is read"
+        ) from err
+    return rows, f"hub {where}"
+
+
+def load_benchmark(
+    name: str, limit: int | None = None, data_dir: str | Path | None = None, source: str = "local"
+) -> list[Record]:
+    """Records {id, question, answer, solution} of a benchmark (its first `limit` problems).
+
+    source="local" (default) reads `<folder>/<file>.jsonl` where folder is `data_dir`, else
+    $REASONING_BENCHMARKS_DIR, else the copy embedded in the package; a missing file is an error,
+    never a download. source="hub" loads the benchmark's Hugging Face dataset instead. Synthetic
+    benchmarks are generated in process whatever the source.
+    """
+    bench = _known(name)
+    if source not in SOURCES:
+        raise ValueError(f"benchmark source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 (or None for every problem), got {limit}")
     if bench.loader is not None:
         return bench.loader(limit)
-    folder = Path(data_dir) if data_dir else benchmarks_dir()
-    path = folder / bench.file if folder and bench.file else None
-    if path is not None and path.exists():
-        with path.open() as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    else:
-        rows = _hub_rows(bench)
+    if source == "hub" and data_dir is not None:
+        raise ValueError(f"benchmark {name!r}: give either data_dir (local files) or source='hub', not both")
+    rows, origin = _hub_rows(bench) if source == "hub" else _local_rows(bench, data_dir)
     if limit is not None:
         rows = rows[:limit]
     records = []
     for i, row in enumerate(rows):
-        records.append(
-            {
-                "id": row.get("id", row.get("idx", i)),
-                "question": bench.question(row),
-                "answer": bench.answer(row),
-                "solution": bench.solution(row),
-            }
-        )
+        record = {
+            "id": row.get("id", row.get("idx", i)),
+            "question": bench.question(row),
+            "answer": bench.answer(row),
+            "solution": bench.solution(row),
+        }
+        empty = [key for key in ("question", "answer") if not str(record[key]).strip()]
+        if empty:  # another copy with other field names would otherwise be graded on empty strings
+            raise ValueError(
+                f"benchmark {name!r}: row {i} of {origin} has an empty {' and '.join(empty)} "
+                f"(its fields: {', '.join(row)}); the fields each file needs are listed in "
+                f"{embedded_benchmarks_dir() / 'README.md'}"
+            )
+        records.append(record)
     return records

@@ -1,7 +1,9 @@
 """Evaluation of latent thought models: ELBO perplexity bound, few-shot accuracy by posterior inference.
 
 - `elbo_perplexity` (in `reasoning.trainers.latent_thought`) fits q(z|x) to each held-out text and
-  reports exp(Σ NELBO / Σ tokens), an upper bound on the perplexity, never the perplexity itself.
+  reports two upper bounds, never the perplexity itself: `perplexity_upper_bound` = exp(Σ NELBO /
+  Σ tokens) (the corpus convention) and `perplexity_sequence_mean` = mean over texts of
+  exp(NELBO(x) / N_x) (the convention of the latent thought models' reference code).
 - `few_shot_accuracy`: prompt = k solved examples + the question (plain template, examples joined by
   newlines as in the training documents); fit q(z|prompt) from `num_inits` random initialisations,
   decode each greedily, cut the completion at the next example, grade with
@@ -10,7 +12,7 @@
   NELBO, a choice made without the answer). With `infer=False`, or for a model without latent
   vectors (an autoregressive baseline), one greedy decode per prompt (z = 0, the prior mean).
 - `token_perplexity`: the exact perplexity of an autoregressive model (or of p(x|z = 0)) on the
-  same texts, for comparisons.
+  same texts, for comparisons, in both conventions.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from reasoning.data.templates import PlainTemplate
 from reasoning.eval.metrics import pass_at_k
-from reasoning.objectives.latent import reconstruction_nll
+from reasoning.objectives.latent import perplexity_sequence_mean, reconstruction_nll
 from reasoning.objectives.logprobs import token_logprobs_from_logits
 from reasoning.rewards.verifier import is_correct
 from reasoning.trainers.latent_thought import (
@@ -209,24 +211,29 @@ def token_perplexity(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 16
 ) -> dict[str, float]:
     """Exact exp(−Σ log p(x_t|x_<t) / N) over the scored tokens of `texts` (EOS appended) for an
-    autoregressive model; for a latent model it is the perplexity of p(x | z = 0), not of p(x)."""
+    autoregressive model (`perplexity`), and the mean over texts of exp(NLL(x) / N_x)
+    (`perplexity_sequence_mean`, the latent thought reference's convention); for a latent model it
+    is the perplexity of p(x | z = 0), not of p(x)."""
     rows = tokenize_texts(texts, tokenizer, max_length=10**9)["input_ids"]
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     nll, tokens = 0.0, 0
+    per_sequence: list[torch.Tensor] = []  # NLL(x) / N_x
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             ids, mask = pad_right(rows[start : start + batch_size], pad)
             ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits
             scored = scored_token_mask(ids, mask)
-            nll += float(
-                reconstruction_nll(token_logprobs_from_logits(logits[:, :-1], ids[:, 1:]), scored).sum()
-            )
+            sequence_nll = reconstruction_nll(token_logprobs_from_logits(logits[:, :-1], ids[:, 1:]), scored)
+            per_sequence.append(sequence_nll.double() / scored.sum(-1).clamp(min=1))
+            nll += float(sequence_nll.sum())
             tokens += int(scored.sum())
     per_token = nll / max(tokens, 1)
+    by_sequence = perplexity_sequence_mean(torch.cat(per_sequence)) if per_sequence else 1.0
     return {
         "perplexity": float(torch.tensor(per_token).exp()),
+        "perplexity_sequence_mean": by_sequence,
         "nll_per_token": per_token,
         "num_tokens": tokens,
     }
@@ -243,7 +250,9 @@ def evaluate_latent_thought(
     batch_size: int = 16,
 ) -> dict[str, Any]:
     """Held-out evaluation of a latent thought model as the recipe runs it after training:
-    `elbo` — the perplexity bound on the held-out records written as training documents
+    `elbo` — the perplexity bounds (`perplexity_upper_bound`, exp(Σ NELBO / Σ N); and
+    `perplexity_sequence_mean`, the reference code's mean of exp(NELBO(x) / N_x)) on the held-out
+    records written as training documents
     (`config.examples_per_text` per text); `few_shot` — `config.shots`-shot accuracy with q(z|prompt)
     fitted from `config.num_inits` initialisations; `few_shot_prior_z` — the same prompts decoded
     with z = 0 (no inference), the baseline that shows what inference adds."""

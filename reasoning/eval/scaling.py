@@ -35,9 +35,20 @@ from rich.console import Console
 from rich.table import Table
 
 from reasoning.data.templates import Template, encode, scoring_ids, template_for
-from reasoning.eval.evaluate import opened_engine, sample_batches, start_results
+from reasoning.eval.evaluate import (
+    check_engine_lengths,
+    engine_settings,
+    engine_tokenizer,
+    fit_lengths,
+    hf_device_kwargs,
+    length_needs,
+    opened_engine,
+    sample_batches,
+    start_results,
+)
 from reasoning.models.scoring import span_token_logprobs
 from reasoning.rollout import RolloutEngine, Sampling
+from reasoning.rollout.hf import choose_device
 
 METHODS = ("bin", "bon", "majority")
 
@@ -221,6 +232,9 @@ def scaling_eval(
     output_dir: str | Path | None = None,
     console: Console | None = None,
     engine_kwargs: dict[str, Any] | None = None,
+    benchmark_source: str = "local",
+    benchmarks_dir: str | Path | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Accuracy of `methods` (bin, bon, majority) at each N in `ns`, per benchmark.
 
@@ -229,7 +243,12 @@ def scaling_eval(
     the answer written in the sample), scores answers with `scorer` (default: the checkpoint loaded
     with transformers, or the hf engine's own model) and selects. Also reports avg@N and pass@N of
     the decoded answers, the mean number of distinct correct answers among the N, and 1 − mean
-    pairwise similarity of the rationales. Writes `results.json` and `samples.jsonl` to `output_dir`.
+    pairwise similarity of the rationales, and the share of rationales cut by the token budget
+    (`truncated_share`). Writes `results.json` and `samples.jsonl` to `output_dir`.
+
+    Lengths are checked as `evaluate` checks them, with the greedy answer's marker and
+    `answer_max_tokens` added after each rationale; a vLLM engine opened here is sized to hold them.
+    `device`: where the hf engine or the scorer loaded here runs (default `choose_device()`).
     """
     from reasoning.eval.benchmarks import load_benchmark
 
@@ -244,8 +263,29 @@ def scaling_eval(
         raise ValueError(f"every N must be >= 1, got {ns}")
     if temperature <= 0:
         raise ValueError("scaling needs sampled rationales: temperature must be > 0")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1 (unset: each benchmark's own budget), got {max_tokens}")
     console = console or Console(stderr=True)
+    problems = {
+        name: bench.loader(limit)
+        if bench.loader is not None
+        else load_benchmark(name, limit=limit, data_dir=benchmarks_dir, source=benchmark_source)
+        for name, bench in resolved.items()
+    }  # read before the engine starts, and measured
+    budgets = {name: max_tokens or bench.max_tokens for name, bench in resolved.items()}
+    tokenizer = engine_tokenizer(engine, model_path)
+    template = template_for(tokenizer)
+    after = 0
+    if answer_decoding == "greedy":  # the answer is decoded after prompt + rationale + the answer marker
+        after = len(encode(tokenizer, template.answer_prefix)) + answer_max_tokens
+    needs = length_needs(tokenizer, template, problems, budgets, after=after)
+    engine_kwargs = fit_lengths(engine, model_path, tokenizer, needs, engine_kwargs)
+    if engine != "hf" and device is not None:
+        scorer_device = choose_device(device)  # --device then places the scorer only
+    else:
+        engine_kwargs, scorer_device = hf_device_kwargs(engine, engine_kwargs, device), None
     with opened_engine(engine, model_path, dtype, engine_kwargs) as (engine, engine_kind):
+        check_engine_lengths(engine, needs)
         template = template_for(engine.tokenizer)
         if scorer is None:
             scorer = getattr(engine, "model", None)
@@ -253,6 +293,7 @@ def scaling_eval(
                 from transformers import AutoModelForCausalLM
 
                 scorer = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+                scorer.to(scorer_device or choose_device())
         scorer.eval()
         settings = {
             "methods": list(methods),
@@ -262,19 +303,20 @@ def scaling_eval(
             "answer_decoding": answer_decoding,
             "seed": seed,
         }
-        results, out_dir = start_results(model_path, engine_kind, dtype, output_dir, scaling=settings)
+        results, out_dir = start_results(
+            model_path, engine_kind, dtype, output_dir, scaling=settings, **engine_settings(engine)
+        )
         for name in benchmarks:
-            bench = resolved[name]
-            records = bench.loader(limit) if bench.loader is not None else load_benchmark(name, limit=limit)
+            bench, records = resolved[name], problems[name]
             start = time.monotonic()
-            sampling = Sampling(
-                temperature=temperature, top_p=top_p, max_tokens=max_tokens or bench.max_tokens, seed=seed
-            )
+            sampling = Sampling(temperature=temperature, top_p=top_p, max_tokens=budgets[name], seed=seed)
             lines = _scale_benchmark(
                 records, bench, engine, scorer, template, sampling, ns, methods,
                 answer_decoding, answer_max_tokens, batch_size,
             )  # fmt: skip
             metrics = _aggregate(lines, ns, methods)
+            reasons = [reason for line in lines for reason in line["finish_reasons"]]
+            metrics["truncated_share"] = reasons.count("length") / max(len(reasons), 1)
             metrics["problems"] = len(records)
             metrics["seconds"] = time.monotonic() - start
             results["benchmarks"][name] = metrics
@@ -353,6 +395,7 @@ def _score_problem(record, bench, scorer, tokenizer, template, prompt, group, zs
         "question": record["question"],
         "gold": record["answer"],
         "rationales": [r.text for r in group],
+        "finish_reasons": [r.finish_reason for r in group],  # "length": cut by the token budget
         "answers": answers,
         "correct": correct,
         "own_scores": own,

@@ -10,6 +10,9 @@ Conventions: sample tensors are `[..., N]` with the N samples of one estimate on
 dimension (a context's samples, or a flat batch with an explicit context `index`); `log_z` is a
 scalar or `[...]`, broadcast over the samples. Pseudo-rewards are detached and signed as rewards:
 E_q[R(x)·∇ log π(x)] = −∇_θ D, so ascending E[R·log π] (loss −R·log π) minimises the divergence D.
+They hold the importance ratio: R = (π/q)·r_f with r_f = −f′(π/p) the per-sample pseudo-reward of
+naver/disco's f-divergence losses (`f_pseudo_reward`); a baseline b of r_f enters as (π/q)(r_f − b)
+(`baselined_advantage`), which keeps the gradient unbiased for q ≠ π, as disco does.
 """
 
 from __future__ import annotations
@@ -239,15 +242,17 @@ def rkl_pseudo_reward(
     log_policy: torch.Tensor,
     log_proposal: torch.Tensor,
 ) -> torch.Tensor:
-    """Reverse KL = KL-regularised RL `[...]`: R = (π/q)·(log P − log π).
+    """Reverse KL = KL-regularised RL `[...]`: R = (π/q)·(log P − log Z − log π − 1).
 
-    On-policy (q = π) this is r/β − log(π/a), the KL-RL reward over β. −f′(π/p) for f(t) = t log t is
-    −log(π/p) − 1; the constants −log Z − 1 are dropped (E_q[(π/q)·c·∇log π] = c·∇Σπ = 0), so
-    `log_z` is unused. E_q[R ∇log π] = −∇ KL(π‖p). −inf where P = 0 (KL(π‖p) is infinite there).
+    −f′(π/p) for f(t) = t log t is −log(π/p) − 1, kept whole as in naver/disco's `ReverseKLLoss`.
+    The constant −log Z − 1 does not change the expected gradient (E_q[(π/q)·c·∇log π] = c·∇Σπ = 0),
+    only its variance, and any baseline of the form b·π/q (`gdc++`, the moving average) absorbs
+    it; on-policy (q = π) R + log Z + 1 = r/β − log(π/a), the KL-RL reward over β.
+    E_q[R ∇log π] = −∇ KL(π‖p). −inf where P = 0 (KL(π‖p) is infinite there).
     """
-    del log_z
     log_policy, log_proposal = log_policy.detach(), log_proposal.detach()
-    return torch.exp(log_policy - log_proposal) * (log_target.detach() - log_policy)
+    gap = log_target.detach() - _as_log_z(log_z, log_target) - log_policy - 1.0
+    return torch.exp(log_policy - log_proposal) * gap
 
 
 def js_pseudo_reward(
@@ -300,6 +305,78 @@ def pseudo_reward(
     if divergence not in functions:
         raise ValueError(f"divergence must be fkl, rkl, js or tv, got {divergence!r}")
     return functions[divergence](log_target, log_z, log_policy, log_proposal)
+
+
+def f_pseudo_reward(
+    divergence: str,
+    log_target: torch.Tensor,
+    log_z: torch.Tensor | float,
+    log_policy: torch.Tensor,
+) -> torch.Tensor:
+    """r_f = −f′(π/p) `[...]`, the pseudo-reward of naver/disco's f-divergence losses, before the
+    importance ratio: `pseudo_reward` = (π/q)·r_f. With log p = log P − log Z:
+
+    fkl p/π; rkl log p − log π − 1; js −(log 2 − softplus(−log(π/p))); tv −½·sign(log π − log p).
+    The moving-average baseline averages these values (a baseline of r_f, not of R). Detached.
+    """
+    log_p = log_target.detach() - _as_log_z(log_z, log_target)
+    log_ratio = log_policy.detach() - log_p  # log(π/p)
+    if divergence == "fkl":
+        return torch.exp(-log_ratio)
+    if divergence == "rkl":
+        return -log_ratio - 1.0
+    if divergence == "js":
+        return -(math.log(2.0) - F.softplus(-log_ratio))
+    if divergence == "tv":
+        return -0.5 * torch.sign(log_ratio)
+    raise ValueError(f"divergence must be fkl, rkl, js or tv, got {divergence!r}")
+
+
+def baselined_advantage(
+    reward: torch.Tensor,
+    baseline: torch.Tensor | float,
+    log_policy: torch.Tensor,
+    log_proposal: torch.Tensor,
+) -> torch.Tensor:
+    """`reward [...]` (a `pseudo_reward`, π/q included) minus the baseline times the importance ratio:
+
+        A = R − b·π/q = (π/q)(r_f − b)
+
+    b is a number per sample (`[...]` or a scalar) that does not depend on the sample itself: the
+    GDC++ coefficient c (then b·π/q = c·π/q, Korbak et al. 2022) or a moving average of r_f over
+    earlier batches (naver/disco's `FDivergenceLoss`). Unbiased for any such b, also for an
+    offline proposal q ≠ π, because E_q[b·(π/q)·∇log π] = b·∇Σ_x π(x) = 0; subtracting b from R
+    itself would not be (E_q[b·∇log π] = b·Σ q ∇log π ≠ 0 when q ≠ π). Detached.
+    """
+    ratio = torch.exp(log_policy.detach() - log_proposal.detach())
+    return reward.detach() - torch.as_tensor(baseline, dtype=reward.dtype, device=reward.device) * ratio
+
+
+def pseudo_reward_loss(
+    divergence: str,
+    log_target: torch.Tensor,
+    log_z: torch.Tensor | float,
+    log_policy: torch.Tensor,
+    log_proposal: torch.Tensor,
+    baseline: torch.Tensor | float = 0.0,
+    max_advantage: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The f-DPG surrogate loss over samples `[N]` -> (loss `[]`, advantage `[N]`).
+
+        loss = −mean_i A_i·log π(x_i),  A = `baselined_advantage`(`pseudo_reward`, b) = (π/q)(r_f − b)
+
+    (A = 0 where log Z is not finite: a context with no target mass yet; clipped to ±`max_advantage`,
+    biased, when given). `log_policy` carries the gradient; ∇loss = −mean_i A_i ∇log π(x_i), whose
+    expectation under q is ∇D(p, π) minus nothing: the baseline term has mean zero. The same
+    value and gradient as disco's `FDivergenceLoss.__call__`, mean((π/q)·(−(r_f − b))·log π).
+    """
+    log_z = torch.as_tensor(log_z, dtype=log_target.dtype, device=log_target.device)
+    reward = pseudo_reward(divergence, log_target, log_z, log_policy.detach(), log_proposal)
+    advantage = baselined_advantage(reward, baseline, log_policy, log_proposal)
+    advantage = torch.where(log_z.isfinite(), advantage, torch.zeros_like(advantage))
+    if max_advantage is not None:
+        advantage = advantage.clamp(-max_advantage, max_advantage)
+    return -(advantage.to(log_policy.dtype) * log_policy).mean(), advantage
 
 
 def gdcpp_baseline(

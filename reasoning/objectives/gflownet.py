@@ -18,10 +18,15 @@ Conventions (one sequence per row; see `../shared/methods/gflownet.md`):
   sequence; without one, s_n is the last prefix, taken as terminal.
 - Per-sequence losses return `[B]`; per-transition losses return `[B, T]` (0 where masked).
   Reductions over the batch are the caller's choice.
-- Pair weights λ^{j−i} of SubTB(λ) are normalised per sequence, so λ^{j−i} and λ^{j−i−1}
-  (Hu et al.'s form) give the same loss; the λ^{j−i−1} form is used inside, so that λ = 0 is
-  exact (only length-1 subtrajectories, i.e. mean DB) and large λ is computed in log space
-  without overflow.
+- Pair weights of SubTB(λ) are λ^{j−i−1} (Hu et al.'s form; λ^{j−i} differs by the factor λ,
+  which every normalisation below cancels), so that λ = 0 is exact (only length-1
+  subtrajectories, i.e. mean DB); they are computed in log space, so large λ does not overflow.
+  Two normalisations (`NORMALIZATIONS`), named after their sources:
+  `sequence` divides each row's weighted sum by its own Σ λ^{j−i−1} (torchgfn's
+  `geometric_within`, the SubTB paper's library: every sequence weighs the same);
+  `gfn-lm-tuning` divides by the mean Σ λ^{j−i−1} over the rows of the batch (or of each
+  `group`), so that the mean of the returned rows is Σ_rows Σ_pairs λ^{j−i−1}(…)² / Σ_rows Σ_pairs
+  λ^{j−i−1}, `modified_subtb_loss` of GFNOrg/gfn-lm-tuning: every sequence weighs by its pairs.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ from __future__ import annotations
 import math
 
 import torch
+
+from reasoning.objectives.bayes import group_log_mean_exp
+
+NORMALIZATIONS = ("sequence", "gfn-lm-tuning")
 
 
 def mask_after_eos(ids: torch.Tensor, eos_id: int, include_eos: bool = True) -> torch.Tensor:
@@ -110,10 +119,8 @@ def forward_looking_detailed_balance(
     return _masked(residual, mask) ** 2
 
 
-def _pair_weights(
-    lengths: torch.Tensor, size: int, lam: torch.Tensor | float, dtype: torch.dtype
-) -> torch.Tensor:
-    """Normalised SubTB(λ) weights `[B, T+1, T+1]`: λ^{j−i−1} / Σ_{pairs} λ^{j−i−1} for 0 ≤ i < j ≤ n."""
+def _pair_log_weights(lengths: torch.Tensor, size: int, lam: torch.Tensor | float) -> torch.Tensor:
+    """Unnormalised log SubTB(λ) weights `[B, T+1, T+1]` (float64): log λ^{j−i−1} for 0 ≤ i < j ≤ n_b, −inf elsewhere."""
     device = lengths.device
     positions = torch.arange(size, device=device)
     i, j = positions.view(-1, 1), positions.view(1, -1)
@@ -127,21 +134,52 @@ def _pair_weights(
     log_w = torch.where(
         exponent == 0, torch.zeros((), dtype=torch.float64, device=device), exponent * log_lam
     )
-    log_w = log_w.expand(pairs.shape).masked_fill(~pairs, -math.inf)
-    norm = torch.logsumexp(log_w.flatten(1), dim=-1)
-    norm = torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))  # rows without pairs
-    return torch.exp(log_w - norm.view(-1, 1, 1)).to(dtype)
+    return log_w.expand(pairs.shape).masked_fill(~pairs, -math.inf)
+
+
+def subtb_log_normalizer(
+    mask: torch.Tensor,
+    lam: torch.Tensor | float = 1.0,
+    normalization: str = "sequence",
+    group: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log of the divisor of each row's weighted SubTB sum, `mask [B, T]` -> `[B]` (float64).
+
+    With W_b = Σ_{0≤i<j≤n_b} λ^{j−i−1} (n_b = Σ_t mask_bt): `sequence` gives log W_b;
+    `gfn-lm-tuning` gives log mean_{b′} W_{b′} over the rows b′ of b's group (`group [B]`, any
+    integer ids; None: the whole batch is one group). −inf where there is no pair to weigh. Depends
+    only on the lengths and λ, so a trainer can compute it for a whole generation batch and pass
+    it (`log_normalizer`) to micro-batches that split a group.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
+    log_total = torch.logsumexp(_pair_log_weights(_lengths(mask), mask.shape[-1] + 1, lam).flatten(1), dim=-1)
+    if normalization == "sequence":
+        return log_total
+    if group is None:
+        return torch.logsumexp(log_total, dim=0).expand_as(log_total) - math.log(log_total.shape[0])
+    _, index = torch.unique(group.to(log_total.device), return_inverse=True)
+    return group_log_mean_exp(log_total, index)[index]
 
 
 def subtrajectory_balance(
-    log_flow: torch.Tensor, log_pf: torch.Tensor, mask: torch.Tensor, lam: torch.Tensor | float = 1.0
+    log_flow: torch.Tensor,
+    log_pf: torch.Tensor,
+    mask: torch.Tensor,
+    lam: torch.Tensor | float = 1.0,
+    normalization: str = "sequence",
+    log_normalizer: torch.Tensor | None = None,
+    group: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SubTB(λ) per sequence (Madan et al., 2023) `(log_flow [B, T+1], log_pf [B, T], mask [B, T]) -> [B]`.
 
-        SubTB(x) = Σ_{0≤i<j≤n} λ^{j−i} (log F(s_i) + Σ_{i≤t<j} log P_F(s_{t+1}|s_t) − log F(s_j))²
-                   / Σ_{0≤i<j≤n} λ^{j−i}
+        SubTB(x_b) = Σ_{0≤i<j≤n} λ^{j−i−1} (log F(s_i) + Σ_{i≤t<j} log P_F(s_{t+1}|s_t) − log F(s_j))² / D_b
 
     with n = Σ_t mask_t and log F(s_n) = log R(x) supplied by the caller (`set_terminal_log_flow`).
+    D_b = exp(`log_normalizer`), by default `subtb_log_normalizer(mask, lam, normalization, group)`:
+    `sequence` (default; torchgfn's geometric_within) D_b = Σ_{i<j} λ^{j−i−1} of the row itself;
+    `gfn-lm-tuning` D_b = the mean of that sum over the rows of the group, so the mean of the
+    returned rows is the ratio of the batch's weighted sum to its total weight.
     `lam` is a float or a `[B]` tensor, λ ≥ 0 (λ = 0: mean DB over the n transitions; λ → ∞: the
     full-trajectory term (log F(s_0) + Σ_t log P_F − log R)², TB with log Z = log F(s_0)).
     Vectorised: prefix sums C_k = Σ_{t<k} log P_F give every subtrajectory's log-probability as
@@ -159,8 +197,13 @@ def subtrajectory_balance(
     # residual[b, i, j] = log F(s_i) − C_i + C_j − log F(s_j)
     start = (flow - prefix).unsqueeze(-1)
     end = (prefix - flow).unsqueeze(-2)
-    weights = _pair_weights(lengths, size, lam, log_pf.dtype)
-    residual = _masked(start + end, weights > 0)
+    if log_normalizer is None:
+        log_normalizer = subtb_log_normalizer(mask, lam, normalization, group)
+    log_normalizer = log_normalizer.to(device=log_pf.device, dtype=torch.float64).view(-1, 1, 1)
+    log_w = _pair_log_weights(lengths, size, lam) - log_normalizer
+    pairs = torch.isfinite(log_w)  # also 0 where the normaliser is −inf (no pair in the group)
+    weights = torch.exp(torch.where(pairs, log_w, torch.full_like(log_w, -math.inf))).to(log_pf.dtype)
+    residual = _masked(start + end, pairs)
     return (weights * residual**2).sum(dim=(-2, -1))
 
 
@@ -170,6 +213,9 @@ def modified_subtrajectory_balance(
     mask: torch.Tensor,
     log_reward: torch.Tensor,
     lam: torch.Tensor | float = 1.0,
+    normalization: str = "gfn-lm-tuning",
+    log_normalizer: torch.Tensor | None = None,
+    group: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Modified SubTB of Hu et al. (2024), every prefix terminable, no flow network and no log Z.
 
@@ -183,9 +229,14 @@ def modified_subtrajectory_balance(
 
         δ_k = log R(s_k⊤) + log P_F(z_{k+1}|s_k) + log P_F(⊤|s_{k+1}) − log R(s_{k+1}⊤) − log P_F(⊤|s_k)
 
-    and the loss is Σ_{0≤i<j≤n} λ^{j−i−1} (Σ_{i≤k<j} δ_k)² / Σ_{0≤i<j≤n} λ^{j−i−1} (λ = 1 in the
-    paper). This is `subtrajectory_balance` with log F(s_k) = log R(s_k⊤) − log P_F(⊤|s_k). At its
-    zero, P_F(z⊤) ∝ R(z⊤) over all terminated sequences. Rows with n = 0 give 0. (Hu et al.'s code
-    normalises over the whole batch; here each sequence is normalised by its own weights.)
+    and row b is Σ_{0≤i<j≤n} λ^{j−i−1} (Σ_{i≤k<j} δ_k)² / D_b (λ = 1 in the paper). This is
+    `subtrajectory_balance` with log F(s_k) = log R(s_k⊤) − log P_F(⊤|s_k). The default
+    normalisation is the reference code's, `gfn-lm-tuning`: D_b = the mean over the batch (or
+    `group`) of the rows' Σ λ^{j−i−1}, so that `.mean()` of the rows is `modified_subtb_loss`,
+    Σ_b Σ_pairs λ^{j−i−1}(…)² / Σ_b Σ_pairs λ^{j−i−1}: long traces, with more pairs, weigh more.
+    `sequence` normalises each row by its own Σ λ^{j−i−1}. At the zero, P_F(z⊤) ∝ R(z⊤) over all
+    terminated sequences, either way. Rows with n = 0 give 0.
     """
-    return subtrajectory_balance(log_reward - log_terminal, log_pf, mask, lam)
+    return subtrajectory_balance(
+        log_reward - log_terminal, log_pf, mask, lam, normalization, log_normalizer, group
+    )

@@ -75,3 +75,13 @@ def nelbo(
 def perplexity_upper_bound(nelbo_sum: torch.Tensor | float, num_tokens: torch.Tensor | float) -> float:
     """exp(Σ_x NELBO(x) / Σ_x N_x): the ELBO bound on perplexity, ≥ exp(−Σ log p(x) / Σ N_x) in expectation."""
     return math.exp(float(nelbo_sum) / max(float(num_tokens), 1.0))
+
+
+def perplexity_sequence_mean(nelbo_per_token: torch.Tensor) -> float:
+    """mean_x exp(NELBO(x) / N_x) over sequences, `nelbo_per_token [B]` = NELBO(x) / N_x -> float.
+
+    The convention of the latent thought models' reference code (per-sequence exp, then the mean).
+    Each term bounds exp(−log p(x) / N_x), the sequence's own perplexity, in expectation; the mean is
+    not the corpus bound `perplexity_upper_bound` (it weighs sequences alike and is ≥ exp of the mean).
+    """
+    return float(torch.exp(nelbo_per_token.double()).mean())

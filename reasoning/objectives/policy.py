@@ -128,6 +128,9 @@ def aggregate_loss(
     - `dapo`: Σ ℓ m / `normalizer` (the token count of the whole generation batch, all ranks;
       defaults to Σ m)
     - `dr_grpo`: Σ ℓ m / (B × max_completion_length), Dr. GRPO's constant normaliser.
+    - `sequence_sum`: (1/B) Σ_i Σ_t ℓ_it m_it, a sum over each sequence's tokens, then a batch
+      mean: REINFORCE's −Â Σ_t log π(z_t) (the released VeriFree and LaTRO trainers), which keeps
+      ∇E[R] = E[R ∇log π(z)] with z the whole sequence.
     """
     mask = mask.to(per_token_loss.dtype)
     total = (per_token_loss * mask).sum()
@@ -140,11 +143,13 @@ def aggregate_loss(
         if normalizer is None:
             normalizer = mask.sum()
         return total / torch.as_tensor(normalizer, dtype=total.dtype).clamp(min=1)
+    if loss_type == "sequence_sum":
+        return total / per_token_loss.shape[0]
     if loss_type == "dr_grpo":
         if not max_completion_length:
             raise ValueError("dr_grpo needs max_completion_length")
         return total / (per_token_loss.shape[0] * max_completion_length)
-    raise ValueError(f"unknown loss_type {loss_type!r}; use grpo, bnpo, dapo or dr_grpo")
+    raise ValueError(f"unknown loss_type {loss_type!r}; use grpo, bnpo, dapo, dr_grpo or sequence_sum")
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:

@@ -1,73 +1,216 @@
 """Reference-answer likelihood rewards: verifier-free rewards from log p(y*|x, z).
 
-The caller cuts each sampled response after its trace z (at a token boundary, e.g. at the answer
-tag), appends the reference answer y* and scores it with one teacher-forced pass: the inputs here
-are the answer tokens' log-probs `answer_logp [B, T]` = log p(y*_t | x, z, y*_<t) with an explicit
-`answer_mask [B, T]` (padding may hold anything, even −inf). Rows are laid out group by group
-(B = groups × G) where a function works per prompt group.
+One rule cuts every sampled response for every reward here (`cut_trace`, the only trace cutter of
+the likelihood rewards): the completion is cut before its first answer marker (a token boundary),
+the marker's tokens are appended to the trace and y* after them (`answer_layout`), and one
+teacher-forced pass scores y*. The inputs of the reward functions are the answer tokens' log-probs
+`answer_logp [B, T]` = log p(y*_t | x, z, y*_<t) with an explicit `answer_mask [B, T]` (padding may
+hold anything, even −inf). Rows are laid out group by group (B = groups × G) where a function
+works per prompt group.
 
-Truncated traces (the response hit the length limit, so there is no complete trace to score) get a
-fixed reward chosen by `truncated_reward`:
-- `"none"` (default): NaN, "not applicable" in this codebase's reward tables (summed as 0 there,
-  excluded from group statistics here);
-- `"-inf"`: −∞ (for log-likelihood rewards: the answer is treated as never produced);
-- a float: that value.
-All functions are pure tensor functions: no I/O, no model calls.
+The answer span (`answer_layout`) is y* plus the template's end-of-answer suffix; EOS is **not**
+scored unless `score_eos=True`, as in the released VeriFree trainer (sail-sg/VeriFree,
+`verifree.py`: the span is `> \\boxed{y*} </answer>`) and the variational-reasoning GML estimate
+(sail-sg/variational-reasoning, `estimate_logp_initial_reasoning_model.py`: the span ends with
+`<|end_of_solution|>`). RLPR scores only y*'s own tokens and NOVER y* inside its answer tags, also
+without EOS.
+
+Two kinds of completion have no trace to score:
+- **no answer marker** (`missing`): `missing_answer` says what they get — `"zero"` (default for
+  the probability rewards: p(y*|x, z) = 0, so VeriFree's p, RLPR's reward and NOVER's rank reward
+  are 0 and the sample stays in its group, as VeriFree's `logp_reward = −inf` does), `"exclude"`
+  (NaN: not applicable, no advantage, does not move the group's baseline; the only choice for the
+  log-likelihood rewards, whose value at p = 0 is −∞), or `"score"` (score y* after the whole
+  completion, which is what RLPR's released code does with a format score of 0);
+- **truncated** (hit the length limit): `truncated_reward` — `"none"` (NaN, excluded), `"-inf"`,
+  `"score"` (keep the computed reward) or a number (VeriFree: 0, its `no_eos` samples get p = 0).
+  Truncation is applied after the missing-marker rule and overrides it.
+All functions are pure: no I/O, no model calls.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from reasoning.data.templates import ScoringIds, Template, scoring_ids
 from reasoning.objectives.variational import log_gml_estimator, log_likelihood_estimator
 
 TruncatedReward = str | float
+MISSING_ANSWER = ("zero", "exclude", "score")
 
 
+# ---------------------------------------------------------------------- the trace cutter
+@dataclass(frozen=True)
+class TraceCut:
+    """A sampled completion cut at its answer marker.
+
+    `trace`: the completion's tokens before its first answer marker (without a marker: the whole
+    completion minus a final stop token). `policy_length`: how many leading completion tokens the
+    policy term covers — the trace *and* the marker when there is one (the reward depends on where
+    the policy chose to emit the marker, so ∇ log π(z) must include it, as VeriFree's think span
+    `…<answer` does), else the whole completion. `marker_count`: occurrences of the marker.
+    """
+
+    trace: list[int]
+    policy_length: int
+    marker_found: bool
+    marker_count: int
+    truncated: bool
+
+    @property
+    def missing(self) -> bool:
+        """No answer marker: y* has no place to follow the trace."""
+        return not self.marker_found
+
+
+def cut_trace(
+    completion_ids: Sequence[int], marker_ids: Sequence[int], stop_ids: set[int], truncated: bool
+) -> TraceCut:
+    """Cut a completion before its first answer marker (`marker_ids`, token ids), `-> TraceCut`.
+
+    A final stop token (EOS or a stop id in `stop_ids`) of a completion that was not `truncated`
+    is dropped first. The cut is made on token ids, never on decoded text. The *first* marker, as
+    VeriFree (`model_response.find("<answer")`), LaTRO (first stop sequence) and the
+    variational-reasoning GML data (`find('<|end_of')`) cut: whether a position ends the trace then
+    depends only on the tokens up to it (a stopping time), which is what makes
+    E[R ∇log π(trace + marker)] the exact gradient of E[R]; a cut at the last marker depends on
+    later tokens and biases it. An empty `marker_ids` never matches (every completion is `missing`).
+    """
+    ids = list(completion_ids)
+    if not truncated and ids and ids[-1] in stop_ids:
+        ids = ids[:-1]
+    marker = list(marker_ids)
+    starts = [i for i in range(len(ids) - len(marker) + 1) if marker and ids[i : i + len(marker)] == marker]
+    cut, count = (starts[0] if starts else -1), len(starts)
+    if cut >= 0:
+        return TraceCut(ids[:cut], cut + len(marker), True, count, truncated)
+    return TraceCut(ids, len(completion_ids), False, count, truncated)
+
+
+def answer_layout(
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[int],
+    trace_ids: Sequence[int],
+    answer: str,
+    score_eos: bool = False,
+) -> ScoringIds:
+    """prompt + trace + answer marker + y* (+ suffix), the span `ids[answer_start:]` to score.
+
+    `templates.scoring_ids` lays the tokens out; the EOS it appends is dropped unless `score_eos`
+    (the references do not score EOS: see the module docstring). A reference answer with no
+    token to score is an error.
+    """
+    laid = scoring_ids(template, tokenizer, list(prompt_ids), list(trace_ids), answer)
+    eos = tokenizer.eos_token_id
+    if not score_eos and eos is not None and len(laid.ids) > laid.answer_start and laid.ids[-1] == eos:
+        laid = replace(laid, ids=laid.ids[:-1])
+    if len(laid.ids) <= laid.answer_start:
+        raise ValueError(f"reference answer {answer!r} has no token to score; give a non-empty answer")
+    return laid
+
+
+# ---------------------------------------------------------------------- missing and truncated
 def truncated_value(truncated_reward: TruncatedReward) -> float:
-    """The reward given to truncated traces: NaN for `"none"`, −∞ for `"-inf"`, else the float itself."""
+    """The reward given to truncated traces: NaN for `"none"`, −∞ for `"-inf"`, else the float itself.
+
+    `"score"` (keep the computed reward) has no fixed value: `apply_truncation` handles it.
+    """
     if isinstance(truncated_reward, str):
         if truncated_reward == "none":
             return math.nan
         if truncated_reward == "-inf":
             return -math.inf
-        raise ValueError(f'truncated_reward must be "none", "-inf" or a number, got {truncated_reward!r}')
+        raise ValueError(
+            f'truncated_reward must be "none", "-inf", "score" or a number, got {truncated_reward!r}'
+        )
     if isinstance(truncated_reward, bool) or not isinstance(truncated_reward, int | float):
-        raise ValueError(f'truncated_reward must be "none", "-inf" or a number, got {truncated_reward!r}')
+        raise ValueError(
+            f'truncated_reward must be "none", "-inf", "score" or a number, got {truncated_reward!r}'
+        )
     return float(truncated_reward)
 
 
 def apply_truncation(
     reward: torch.Tensor, truncated: torch.Tensor | None, truncated_reward: TruncatedReward = "none"
 ) -> torch.Tensor:
-    """`reward [B]`, `truncated [B]` (bool) -> `[B]`: the reward, replaced by `truncated_value` where truncated."""
+    """`reward [B]`, `truncated [B]` (bool) -> `[B]`: the reward, replaced by `truncated_value` where
+    truncated (`"score"`: left as computed)."""
+    if truncated_reward == "score":
+        return reward
     value = truncated_value(truncated_reward)
     if truncated is None:
         return reward
     return torch.where(truncated.bool(), torch.full_like(reward, value), reward)
 
 
+def apply_missing_answer(
+    reward: torch.Tensor, missing: torch.Tensor | None, missing_answer: str = "zero"
+) -> torch.Tensor:
+    """`reward [B]`, `missing [B]` (bool: no answer marker) -> `[B]`.
+
+    `"zero"`: 0 where missing (the answer's probability is 0); `"exclude"`: NaN (not applicable);
+    `"score"`: the reward computed after the whole completion, unchanged.
+    """
+    if missing_answer not in MISSING_ANSWER:
+        raise ValueError(f"missing_answer must be one of {', '.join(MISSING_ANSWER)}, got {missing_answer!r}")
+    if missing is None or missing_answer == "score":
+        return reward
+    value = 0.0 if missing_answer == "zero" else math.nan
+    return torch.where(missing.bool(), torch.full_like(reward, value), reward)
+
+
+def _log_reward_missing(missing_answer: str) -> None:
+    if missing_answer == "zero":
+        raise ValueError(
+            'missing_answer "zero" means p(y*|x,z) = 0, i.e. a log-likelihood reward of −inf, which '
+            'has no finite advantage; use "exclude" (default) or "score" for log-likelihood rewards'
+        )
+
+
+def _finish(
+    reward: torch.Tensor,
+    missing: torch.Tensor | None,
+    missing_answer: str,
+    truncated: torch.Tensor | None,
+    truncated_reward: TruncatedReward,
+) -> torch.Tensor:
+    return apply_truncation(
+        apply_missing_answer(reward, missing, missing_answer), truncated, truncated_reward
+    )
+
+
+# ---------------------------------------------------------------------- rewards
 def answer_logprob(
     answer_logp: torch.Tensor,
     answer_mask: torch.Tensor,
     reduction: str = "sum",
     truncated: torch.Tensor | None = None,
     truncated_reward: TruncatedReward = "none",
+    missing: torch.Tensor | None = None,
+    missing_answer: str = "exclude",
 ) -> torch.Tensor:
     """log p(y*|x, z), `[B, T]` -> `[B]`: Σ_t m_t ℓ_t (`"sum"`) or (1/Σ_t m_t) Σ_t m_t ℓ_t (`"mean"`).
 
-    The sum is the CoVRL / JEPO / LaTRO reward (the exact log-likelihood of the reference answer);
-    the per-token mean is the log of the geometric-mean token probability (length-robust).
+    The sum is the CoVRL / JEPO reward (the exact log-likelihood of the reference answer); the
+    per-token mean is the log of the geometric-mean token probability (length-robust). The span
+    is y* and the answer suffix, EOS not scored (`answer_layout`). A log-likelihood: missing
+    markers are `"exclude"`d (or `"score"`d); `"zero"` (−∞) is refused.
     """
+    _log_reward_missing(missing_answer)
     if reduction == "sum":
         reward = log_likelihood_estimator(answer_logp, answer_mask)
     elif reduction == "mean":
         reward = log_gml_estimator(answer_logp, answer_mask)
     else:
         raise ValueError(f"reduction must be sum or mean, got {reduction!r}")
-    return apply_truncation(reward, truncated, truncated_reward)
+    return _finish(reward, missing, missing_answer, truncated, truncated_reward)
 
 
 def mean_token_probability(answer_logp: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
@@ -81,15 +224,19 @@ def verifree_reward(
     answer_logp: torch.Tensor,
     answer_mask: torch.Tensor,
     truncated: torch.Tensor | None = None,
-    truncated_reward: TruncatedReward = "none",
+    truncated_reward: TruncatedReward = 0.0,
+    missing: torch.Tensor | None = None,
+    missing_answer: str = "zero",
 ) -> torch.Tensor:
     """VeriFree reward R = p(y*|x, z) = exp(Σ_t m_t ℓ_t), `[B, T]` -> `[B]` (a probability, not a log).
 
-    The objective is E_z[p(y*|x, z)]; its gradient is E[R ∇log π(z|x)] (REINFORCE, RLOO baseline)
-    plus E[R ∇log p(y*|x, z)] (`verifree_answer_nll`).
+    The objective is E_z[p(y*|x, z)]; its gradient is E[R ∇log π(z|x)] (REINFORCE over the trace
+    and its answer marker, RLOO baseline) plus E[R ∇log p(y*|x, z)] (`verifree_answer_nll`). The
+    span is y* and the answer suffix, EOS not scored, as in the released trainer. Defaults as
+    there: no answer marker or truncated → R = 0, and the sample stays in its RLOO group.
     """
     reward = log_likelihood_estimator(answer_logp, answer_mask).exp()
-    return apply_truncation(reward, truncated, truncated_reward)
+    return _finish(reward, missing, missing_answer, truncated, truncated_reward)
 
 
 def verifree_answer_nll(
@@ -113,24 +260,34 @@ def rlpr_reward(
     answer_mask: torch.Tensor,
     no_trace_probability: torch.Tensor | None = None,
     clip_range: tuple[float, float] | None = (0.0, 1.0),
+    format_ok: torch.Tensor | None = None,
+    format_coef: float = 0.1,
     truncated: torch.Tensor | None = None,
-    truncated_reward: TruncatedReward = "none",
+    truncated_reward: TruncatedReward = "score",
+    missing: torch.Tensor | None = None,
+    missing_answer: str = "zero",
 ) -> torch.Tensor:
-    """RLPR probability reward, `[B, T]` -> `[B]`: clip(r − r_noCoT, lo, hi).
+    """RLPR reward, `[B, T]` -> `[B]`: (1 − c)·clip(r − r_noCoT, lo, hi) + c·format, c = `format_coef`.
 
-    r = (1/|y*|) Σ_t p(y*_t | x, z, y*_<t) (`mean_token_probability`), and r_noCoT `[B]` the same
-    quantity with the answer scored right after the question, no trace (the caller computes it once
-    per prompt and repeats it over the group); it removes the part of the reward that does not
-    depend on the reasoning. `no_trace_probability=None` skips the debiasing; `clip_range=None`
-    skips the clipping (default [0, 1], the methods file's clip(r − r_noCoT, 0, 1)). Truncated
-    traces get `truncated_value` unclipped. Filter prompts with `rlpr_std_filter`.
+    r = (1/|y*|) Σ_t p(y*_t | x, z, y*_<t) (`mean_token_probability` over y*'s own tokens, no EOS)
+    and r_noCoT `[B]` the same with the answer scored right after the question, no trace (the
+    caller computes it once per prompt and repeats it over the group); it removes the part of the
+    reward that does not depend on the reasoning. `format_ok [B]` (bool) is the format check;
+    without it the reward is the clipped probability term alone. The released trainer
+    (OpenBMB/RLPR, `verl/workers/reward_manager/prob.py`) uses c = 0.1 and a threshold-0 shaping
+    (negative differences become 0), which `clip_range` (0, 1) is (r, r_noCoT ∈ [0, 1]).
+    `no_trace_probability=None` skips the debiasing; `clip_range=None` the clipping. Truncated
+    samples are scored like the others by default (the released trainer keeps them; their format
+    check fails); missing markers get 0 (`"score"`: RLPR's own choice, y* scored anyway).
     """
     reward = mean_token_probability(answer_logp, answer_mask)
     if no_trace_probability is not None:
         reward = reward - no_trace_probability.to(reward.dtype)
     if clip_range is not None:
         reward = reward.clamp(min=clip_range[0], max=clip_range[1])
-    return apply_truncation(reward, truncated, truncated_reward)
+    if format_ok is not None:
+        reward = (1 - format_coef) * reward + format_coef * format_ok.to(reward.dtype)
+    return _finish(reward, missing, missing_answer, truncated, truncated_reward)
 
 
 def _grouped_valid(rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,29 +309,90 @@ def group_reward_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.where(count >= 2, std, torch.full_like(std, math.nan))
 
 
-def rlpr_std_filter(rewards: torch.Tensor, group_size: int, threshold: float) -> torch.Tensor:
-    """RLPR standard-deviation filter, `rewards [N]` -> bool `[N]`: keep groups whose reward std > threshold.
+def rlpr_std_filter(rewards: torch.Tensor, group_size: int, bound: float | None) -> torch.Tensor:
+    """RLPR standard-deviation filter, `rewards [N]` -> bool `[N]`: keep groups whose reward std ≥ bound.
 
     Prompts whose G rewards hardly differ (too easy or too hard) give no stable learning signal and
     are dropped; the mask is per sample (a group's value repeated G times). The std is
-    `group_reward_std` (NaN entries left out; groups with < 2 entries are dropped). RLPR adapts the
-    threshold during training (`ema_threshold`).
+    `group_reward_std` (NaN entries left out; groups with < 2 entries, NaN std, are dropped, as the
+    released trainer drops NaN/inf stds). `bound=None` (the filter not started yet) keeps every
+    group. The bound comes from `RLPRStdFilter`.
     """
     std = group_reward_std(rewards, group_size)
-    keep = ~torch.isnan(std) & (std > threshold)
+    keep = ~torch.isnan(std)
+    if bound is not None:
+        keep = keep & (std >= bound)
     return keep.repeat_interleave(group_size)
 
 
-def ema_threshold(threshold: float, group_stds: torch.Tensor, momentum: float = 0.99) -> float:
-    """Exponential moving average of the filter threshold: β ← m·β + (1 − m)·mean(non-NaN group stds).
+@dataclass
+class RLPRStdFilter:
+    """RLPR's adaptive std-filter bound, step by step (OpenBMB/RLPR, `verl/trainer/ppo/ray_trainer.py`,
+    `filter_mode=EMA`).
 
-    The momentum is a choice (the methods file only says "filters prompts with low reward std");
-    0.99 follows the usual EMA setting. Without any non-NaN std the threshold is unchanged.
+    Steps count generations from 1. From `ema_start` to `filter_start − 1` nothing is filtered and
+    each step's mean group std is recorded (`record`). At `filter_start` the EMA starts as the mean
+    of those warm-up means; at each later step it moves by the previous step's mean std,
+    ema ← m·ema + (1 − m)·std (skipped when that mean is not finite). While filtering, `bound()` is
+    β·ema and groups with std ≥ bound are kept (`rlpr_std_filter`). The released scripts use
+    `ema_start` 6, `filter_start` 11, m = 0.99 and β = 0.5 (Qwen), 0.9 (Llama), 1.0 (Gemma).
     """
-    finite = group_stds[~torch.isnan(group_stds)]
-    if finite.numel() == 0:
-        return float(threshold)
-    return float(momentum * threshold + (1 - momentum) * finite.mean().item())
+
+    beta: float = 0.5
+    momentum: float = 0.99
+    ema_start: int = 6
+    filter_start: int = 11
+    step: int = 0
+    warmup: list[float] = field(default_factory=list)
+    ema: float | None = None
+    last: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.ema_start < self.filter_start:
+            raise ValueError(
+                f"the std filter needs 1 <= ema_start < filter_start, got {self.ema_start}, {self.filter_start}"
+            )
+
+    def begin_step(self) -> float | None:
+        """Advance to the next step and return its bound (None: no filtering at this step)."""
+        self.step += 1
+        if self.step < self.filter_start:
+            return None
+        if self.ema is None:
+            seeds = self.warmup or ([self.last] if self.last is not None else [])
+            self.ema = sum(seeds) / len(seeds) if seeds else None
+        elif self.last is not None:
+            self.ema = self.momentum * self.ema + (1 - self.momentum) * self.last
+        self.last = None
+        return None if self.ema is None else self.beta * self.ema
+
+    def bound(self) -> float | None:
+        """The current step's bound (after `begin_step`)."""
+        if self.step < self.filter_start or self.ema is None:
+            return None
+        return self.beta * self.ema
+
+    def record(self, group_stds: torch.Tensor) -> None:
+        """Record this step's group stds `[num_groups]` (all groups, before filtering; NaN/inf left out)."""
+        if self.step < self.ema_start:
+            return
+        finite = group_stds[torch.isfinite(group_stds)]
+        if finite.numel() == 0:
+            return
+        mean = float(finite.mean())
+        if self.step < self.filter_start:
+            self.warmup.append(mean)
+        else:
+            self.last = mean
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "warmup": list(self.warmup), "ema": self.ema, "last": self.last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.warmup = [float(x) for x in state["warmup"]]
+        self.ema = None if state["ema"] is None else float(state["ema"])
+        self.last = None if state["last"] is None else float(state["last"])
 
 
 def jensen_bound(
@@ -203,45 +421,48 @@ def jensen_bound(
 
 
 def nover_log_perplexity(
-    answer_logp: torch.Tensor, answer_mask: torch.Tensor, trace_lengths: torch.Tensor | None = None
+    answer_logp: torch.Tensor,
+    answer_mask: torch.Tensor,
+    trace_lengths: torch.Tensor | None = None,
+    log_base: float = 10.0,
 ) -> torch.Tensor:
     """NOVER reasoning log-perplexity, `[B, T]` -> `[B]`: −Σ_t m_t ℓ_t / (|y*| · N(|z|)).
 
-    N(|z|) = max(1, 1 + log |z|) with |z| the trace length (`trace_lengths [B]`) damps the length
-    bias; without `trace_lengths`, N = 1 (plain per-token log-perplexity). Lower is better; the
-    reasoning perplexity is exp of this.
+    N(|z|) = max(1, 1 + log_b |z|) with |z| the trace length in tokens (`trace_lengths [B]`) damps
+    the length bias; b = 10 as in the released code (thinkwee/NOVER, `utils.py`,
+    `calculate_perplexity`: `np.log10`), `log_base=math.e` for the natural log. Without
+    `trace_lengths`, N = 1 (plain per-token log-perplexity). Lower is better; the reasoning
+    perplexity is exp of this. The span is y* and the answer suffix, EOS not scored.
     """
     log_ppl = -log_gml_estimator(answer_logp, answer_mask)
     if trace_lengths is not None:
         lengths = torch.as_tensor(trace_lengths, device=answer_logp.device).to(log_ppl.dtype)
-        log_ppl = log_ppl / torch.clamp(1 + torch.log(lengths.clamp(min=1)), min=1.0)
+        log_lengths = torch.log(lengths.clamp(min=1)) / math.log(log_base)
+        log_ppl = log_ppl / torch.clamp(1 + log_lengths, min=1.0)
     return log_ppl
 
 
-def group_rank_normalise(
-    scores: torch.Tensor, group_size: int, valid: torch.Tensor | None = None
+def nover_rank(
+    log_perplexity: torch.Tensor, group_size: int, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Rank of each score within its group scaled to [0, 1], higher score -> higher value, `[N] -> [N]`.
+    """NOVER's rank reward within each group, `[N] -> [N]`.
 
-    r_i = (#{j valid: s_j < s_i} + ½ #{j ≠ i valid: s_j = s_i}) / (n_valid − 1): the best gets 1, the
-    worst 0, ties share their mean rank. Depends on the scores only through their order within the
-    group, so it is invariant to any strictly increasing transform. Invalid entries (and NaN scores)
-    are left out and get NaN; a group with a single valid entry gives it ½.
+    The n valid entries of a group are sorted by log-perplexity, lowest first, ties in the order
+    of the rows (a stable sort, as Python's `sorted` in thinkwee/NOVER `reward_functions.py`,
+    `reasoning_reward`); the entry at position r (0-based) gets (n − r)/n: the best 1, the worst
+    1/n. Invalid entries (`valid` False, or a NaN/inf log-perplexity) get 0 and are not ranked.
     """
-    grouped = scores.view(-1, group_size)
-    ok = ~torch.isnan(grouped)
+    grouped = log_perplexity.view(-1, group_size)
+    ok = torch.isfinite(grouped)
     if valid is not None:
         ok = ok & valid.bool().view(-1, group_size)
-    mine, other = grouped.unsqueeze(2), grouped.unsqueeze(1)  # [n, G, 1], [n, 1, G]
-    other_ok = ok.unsqueeze(1)
-    not_self = ~torch.eye(group_size, dtype=torch.bool, device=scores.device)
-    below = ((other < mine) & other_ok).sum(dim=2).to(scores.dtype)
-    ties = ((other == mine) & other_ok & not_self).sum(dim=2).to(scores.dtype)
-    count = ok.sum(dim=1, keepdim=True).to(scores.dtype)
-    ranked = torch.where(
-        count > 1, (below + 0.5 * ties) / (count - 1).clamp(min=1), torch.full_like(below, 0.5)
-    )
-    return torch.where(ok, ranked, torch.full_like(ranked, math.nan)).view(-1)
+    keys = torch.where(ok, grouped, torch.full_like(grouped, math.inf))
+    order = torch.sort(keys, dim=1, stable=True).indices
+    position = torch.empty_like(order)
+    position.scatter_(1, order, torch.arange(group_size, device=order.device).expand_as(order))
+    count = ok.sum(dim=1, keepdim=True).to(log_perplexity.dtype)
+    reward = (count - position.to(log_perplexity.dtype)) / count.clamp(min=1)
+    return torch.where(ok, reward, torch.zeros_like(reward)).view(-1)
 
 
 def nover_reward(
@@ -249,20 +470,31 @@ def nover_reward(
     answer_mask: torch.Tensor,
     group_size: int,
     trace_lengths: torch.Tensor | None = None,
+    format_ok: torch.Tensor | None = None,
+    log_base: float = 10.0,
     truncated: torch.Tensor | None = None,
-    truncated_reward: TruncatedReward = "none",
+    truncated_reward: TruncatedReward = 0.0,
+    missing: torch.Tensor | None = None,
+    missing_answer: str = "zero",
 ) -> torch.Tensor:
-    """NOVER reasoning reward, `[B, T]` -> `[B]`: the group rank of −`nover_log_perplexity`, in [0, 1].
+    """NOVER reasoning reward, `[B, T]` -> `[B]`: `nover_rank` of `nover_log_perplexity`, in {0} ∪ [1/n, 1].
 
     Within each prompt group, the trace whose reasoning makes y* least perplexing gets 1, the most
-    perplexing 0 (`group_rank_normalise`, ties share ranks). NOVER's format and efficiency rewards
-    are separate reward functions. Truncated traces are left out of the ranking and get
-    `truncated_value`.
+    perplexing of the n well-formatted ones 1/n; format-invalid completions (`format_ok` False,
+    and truncated ones) get 0 and stay in the group, as in the released code. NOVER's format and
+    efficiency rewards are separate reward functions. Missing markers: 0 (`"exclude"`: NaN).
     """
-    scores = -nover_log_perplexity(answer_logp, answer_mask, trace_lengths)
-    valid = None if truncated is None else ~truncated.bool()
-    reward = group_rank_normalise(scores, group_size, valid)
-    return apply_truncation(reward, truncated, truncated_reward)
+    valid = None if format_ok is None else format_ok.bool()
+    if truncated is not None:
+        not_cut = ~truncated.bool()
+        valid = not_cut if valid is None else valid & not_cut
+    if missing is not None and missing_answer != "score":
+        present = ~missing.bool()
+        valid = present if valid is None else valid & present
+    reward = nover_rank(
+        nover_log_perplexity(answer_logp, answer_mask, trace_lengths, log_base), group_size, valid
+    )
+    return _finish(reward, missing, missing_answer, truncated, truncated_reward)
 
 
 def latro_reward(
@@ -273,13 +505,17 @@ def latro_reward(
     beta: float = 0.05,
     truncated: torch.Tensor | None = None,
     truncated_reward: TruncatedReward = "none",
+    missing: torch.Tensor | None = None,
+    missing_answer: str = "exclude",
 ) -> torch.Tensor:
     """LaTRO reward, `[B, T]` and `[B]`, `[B]` -> `[B]`: log p(y*|x, z) − β (log q(z|x) − log π₀(z|x)).
 
     `trace_logp` = log q(z|x) is the sampling policy's sequence log-prob of the trace and
-    `reference_trace_logp` = log π₀(z|x) the frozen reference's (sums over the trace tokens); the
-    answer term is `answer_logprob(..., "sum")`. Used with RLOO (`policy.rloo_advantages`). β = 0.05
-    is a choice (not given in the methods file).
+    `reference_trace_logp` = log π₀(z|x) the frozen reference's (sums over the policy tokens); the
+    answer term is `answer_logprob(..., "sum")` (EOS not scored). Used with RLOO. β = 0.05 is the
+    released trainer's `kl_coef` (SalesforceAIResearch/LaTRO, `LaTRO/trainer/trainer_config.py`).
+    A log-likelihood: missing markers are `"exclude"`d or `"score"`d.
     """
+    _log_reward_missing(missing_answer)
     reward = log_likelihood_estimator(answer_logp, answer_mask) - beta * (trace_logp - reference_trace_logp)
-    return apply_truncation(reward, truncated, truncated_reward)
+    return _finish(reward, missing, missing_answer, truncated, truncated_reward)

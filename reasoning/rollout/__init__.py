@@ -6,7 +6,7 @@ their heavy libraries only when chosen.
 
 from __future__ import annotations
 
-from reasoning.rollout.base import Rollout, RolloutEngine, Sampling
+from reasoning.rollout.base import Rollout, RolloutEngine, Sampling, context_length
 
 ENGINE_KINDS = ("hf", "vllm", "vllm-server")
 
@@ -14,8 +14,10 @@ ENGINE_KINDS = ("hf", "vllm", "vllm-server")
 def make_engine(kind: str, model_path: str, **kw) -> RolloutEngine:
     """Build the rollout engine `kind` for the checkpoint at `model_path`.
 
-    `hf`: transformers `generate` (reference, works everywhere). `vllm`: vLLM in this process
-    (colocated with training). `vllm-server`: remote `vllm serve` processes over HTTP.
+    `hf`: transformers `generate` (reference, works everywhere; `device=` default: the accelerator
+    accelerate chose, else CUDA if available, else CPU -- `hf.choose_device`). `vllm`: vLLM in this
+    process (colocated with training; `max_model_len=` default: the model's context).
+    `vllm-server`: remote `vllm serve` processes over HTTP (their own `--max-model-len`).
     """
     if kind == "hf":
         from reasoning.rollout.hf import HFEngine
@@ -32,4 +34,4 @@ def make_engine(kind: str, model_path: str, **kw) -> RolloutEngine:
     raise ValueError(f"unknown rollout engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}")
 
 
-__all__ = ["ENGINE_KINDS", "Rollout", "RolloutEngine", "Sampling", "make_engine"]
+__all__ = ["ENGINE_KINDS", "Rollout", "RolloutEngine", "Sampling", "context_length", "make_engine"]

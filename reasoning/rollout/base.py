@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -63,6 +63,36 @@ class Rollout:
     @property
     def truncated(self) -> bool:
         return self.finish_reason == "length"
+
+
+# Keys under which model configs state their context length, in the order vLLM reads them.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+# transformers' placeholder `model_max_length` when a tokenizer states none (VERY_LARGE_INTEGER)
+_NO_TOKENIZER_LIMIT = 10**18
+
+
+def context_length(config: Any, tokenizer: Any = None) -> tuple[int | None, str]:
+    """(the longest prompt + completion the model can attend over, where that number comes from).
+
+    The model config's context length (`max_position_embeddings` or the first of `CONTEXT_KEYS` it
+    has, also looked up in a multimodal config's `text_config`), lowered to the tokenizer's
+    `model_max_length` when that is smaller and actually set. vLLM derives its own limit the same
+    way, so a `max_model_len` above this number is refused there too. `(None, "")` when neither
+    states a limit.
+    """
+    length, source = None, ""
+    for holder in (config, getattr(config, "text_config", None)):
+        for key in CONTEXT_KEYS:
+            value = getattr(holder, key, None) if holder is not None else None
+            if isinstance(value, int) and value > 0:
+                length, source = value, f"the model's {key}"
+                break
+        if length is not None:
+            break
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < _NO_TOKENIZER_LIMIT and (length is None or limit < length):
+        length, source = limit, "the tokenizer's model_max_length"
+    return length, source
 
 
 class RolloutEngine(Protocol):

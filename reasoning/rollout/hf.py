@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -10,11 +11,50 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from reasoning.rollout.base import Rollout, Sampling
 
 
+def choose_device(requested: str | torch.device | None = None) -> torch.device:
+    """The device an `hf` engine loads its model on.
+
+    `requested` ("cpu", "cuda", "cuda:1", ...) is checked: a CUDA device that is not there is an error
+    (a model silently left on the CPU is what this guards against). Without one: the device accelerate
+    already chose for this process (a training run or `accelerate launch`: e.g. `cuda:LOCAL_RANK`, or
+    the CPU with `ACCELERATE_USE_CPU`), else CUDA when available (device `LOCAL_RANK` when that is
+    set), else the CPU. accelerate's state is read, not created: `PartialState()` would initialise a
+    process group under a launcher.
+    """
+    if requested is not None and str(requested):
+        try:
+            device = torch.device(requested)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(
+                f"device {str(requested)!r} is not a torch device; use cpu, cuda or cuda:N ({err})"
+            ) from err
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(
+                    f"device {str(requested)!r} was asked for but no CUDA device is visible "
+                    "(torch.cuda.is_available() is False); use device cpu, or check CUDA_VISIBLE_DEVICES"
+                )
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(
+                    f"device {str(requested)!r} does not exist: {torch.cuda.device_count()} CUDA device(s) "
+                    f"are visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+                )
+        return device
+    from accelerate.state import PartialState
+
+    if PartialState._shared_state:  # initialised by TrainingArguments / Accelerator / a launcher
+        return PartialState().device
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 class HFEngine:
     """Generation with `model.generate`, batched over prompts, left-padded.
 
-    The engine either loads its own copy of the model from `model_path` or wraps a live model
-    (`model=`), in which case `sync_weights` of that same model is a no-op.
+    The engine either loads its own copy of the model from `model_path`, on `device` (default:
+    `choose_device()`, the GPU when there is one), or wraps a live model (`model=`), which stays where
+    its owner put it and whose `sync_weights` is a no-op. Inputs go to the model's device.
     """
 
     def __init__(
@@ -31,9 +71,12 @@ class HFEngine:
             raise ValueError("HFEngine needs a model_path or a live model=")
         if model is None:
             torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
-            if device:
-                model.to(device)
+            target = choose_device(device)
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(target)
+        elif device is not None:
+            raise ValueError(
+                "HFEngine(model=...) generates where the live model is: move the model, pass no device="
+            )
         self.model = model
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path or model.name_or_path)
         self.batch_size = batch_size

@@ -30,7 +30,20 @@ the engine uses vLLM's `external_launcher` backend, as TRL's colocate mode does:
 training rank, each generating for its own prompts (with `tensor_parallel_size > 1`, ranks of one
 tensor-parallel group pool their prompts and each keeps its share). Create the engine *after*
 the trainer has initialised `torch.distributed`: an in-process vLLM engine otherwise initialises
-a world-size-1 process group itself.
+a world-size-1 process group itself. `tensor_parallel_size > 1` therefore needs one training
+process per tensor-parallel rank: without `external_launcher`, vLLM 0.32 runs its workers in other
+processes (`ParallelConfig` picks "mp", or "ray"), whose `collective_rpc` pickles its arguments, and
+the weight iterator cannot be pickled (`executor_backend` refuses that). The external launcher reads
+LOCAL_RANK to pick the device `cuda:<LOCAL_RANK>`; when the launcher did not set it, the engine sets
+it to this process's index on its machine (`local_process_index`), not the global rank.
+
+Sleep mode (CUDA) is off by default: no trainer calls `sleep()`. With `enable_sleep_mode=True`,
+`sleep(2)` after a generation phase gives the trainer the weights' and KV cache's memory; the next
+`sync_weights` wakes the weights' memory, reloads the trainer's weights into it, then wakes the KV
+cache. After every sync and every wake that restores weights, a probe compares the engine's weights
+with what the trainer sent (a strided sample of every parameter stored under the same name and
+layout; `check_weights`) and raises if they differ: a wake that restored stale weights, or a reload
+that did not apply, would otherwise go on generating from other weights without a sign.
 """
 
 from __future__ import annotations
@@ -38,8 +51,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import os
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -199,6 +214,165 @@ def iter_full_weights(
 # --------------------------------------------------------------------------- the engine
 
 
+def restore_torch_threads(count: int) -> None:
+    """Give torch back `count` intra-op threads, and its own `torch.set_num_threads`.
+
+    Building a vLLM engine in this process changes both for the whole process: the GPU worker sets
+    torch to 1 thread for serving (`vllm.utils.torch_utils.set_torch_threads_for_runtime`, unless
+    OMP_NUM_THREADS is set), and the CPU worker replaces `torch.set_num_threads` with a function that
+    only logs a warning (`vllm/v1/worker/cpu_worker.py`, `CPUWorker.init_device`), so nothing in the
+    process can change the count again. A trainer or an `hf` evaluation sharing the process would then
+    run its own CPU work on one thread. The original function is `torch._C.set_num_threads`.
+    """
+    if torch.set_num_threads is not torch._C.set_num_threads:
+        torch.set_num_threads = torch._C.set_num_threads
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+
+
+# Executors that run the model in this process: `collective_rpc` hands them Python objects as they are.
+_IN_PROCESS_BACKENDS = ("uni", "external_launcher")
+
+
+def executor_backend(
+    requested: str | None, tensor_parallel_size: int, pipeline_parallel_size: int, world_size: int
+) -> str | None:
+    """The vLLM executor backend of a colocated engine (None: vLLM's own choice, "uni" for one worker).
+
+    `sync_weights` hands `reload_weights` a lazy iterator over the trainer's tensors, which only an
+    executor running the worker in this process can take. vLLM 0.32 picks "mp" (or "ray") by itself
+    whenever tensor × pipeline parallelism > 1 (`ParallelConfig.__post_init__`), and those executors
+    pickle `collective_rpc` arguments for their worker processes (`MultiprocExecutor.collective_rpc` ->
+    the shared-memory `MessageQueue`): the first sync would fail ("cannot pickle 'generator' object").
+    So: several training ranks (`world_size` > 1) default to "external_launcher" (one engine per rank,
+    tensor-parallel groups across ranks); tensor parallelism needs it; "mp"/"ray" are refused.
+    """
+    if pipeline_parallel_size != 1:
+        raise ValueError(
+            f"pipeline_parallel_size={pipeline_parallel_size}: the colocated vLLM engine supports tensor "
+            "parallelism only (across training ranks); use tensor_parallel_size, or vllm-server engines"
+        )
+    if requested is None and world_size > 1:
+        requested = "external_launcher"  # every training rank drives its own engine, as TRL's colocate mode
+    if tensor_parallel_size > 1 and requested != "external_launcher":
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size} in {world_size} training process(es) would make vLLM "
+            f"run its workers in other processes (distributed_executor_backend {requested or 'mp'!r}), whose "
+            "collective_rpc pickles its arguments: the weight iterator of sync_weights cannot be sent. Launch one "
+            f"training process per tensor-parallel rank (accelerate launch / torchrun with a multiple of "
+            f"{tensor_parallel_size} processes: the engine then uses 'external_launcher'), set "
+            "tensor_parallel_size: 1, or serve the model with vllm-server engines"
+        )
+    if requested is not None and requested not in _IN_PROCESS_BACKENDS:
+        raise ValueError(
+            f"distributed_executor_backend {requested!r} runs the vLLM worker in another process, where "
+            f"sync_weights cannot reach it; use one of {', '.join(_IN_PROCESS_BACKENDS)} or leave it unset"
+        )
+    if requested == "external_launcher" and world_size % tensor_parallel_size:
+        raise ValueError(
+            f"tensor_parallel_size ({tensor_parallel_size}) must divide the number of training processes "
+            f"({world_size}): each tensor-parallel group is made of training ranks"
+        )
+    return requested
+
+
+# Where launchers other than torchrun / accelerate state the local rank (accelerate reads the first four:
+# `get_cpu_distributed_information`; SLURM_LOCALID is srun's)
+_LOCAL_RANK_VARIABLES = (
+    "LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MV2_COMM_WORLD_LOCAL_RANK",
+    "SLURM_LOCALID",
+)
+
+
+def local_index_among_hosts(hosts: list[str], rank: int) -> int:
+    """How many lower ranks run on the same machine as `rank` (`hosts[r]` is rank r's host name)."""
+    return hosts[:rank].count(hosts[rank])
+
+
+def local_process_index(env: Mapping[str, str] | None = None) -> int:
+    """This process's index among the training processes of its machine (vLLM's LOCAL_RANK).
+
+    vLLM's external launcher runs its worker on `cuda:<LOCAL_RANK>`, so the global rank is wrong on
+    every machine but the first. In order: the launcher's variable (LOCAL_RANK, or an MPI / SLURM
+    equivalent); accelerate's `PartialState().local_process_index` when accelerate is set up; with
+    CUDA, the device the trainer already selected; else the rank among the processes with the same
+    host name (an all-gather: every rank builds its engine at the same time).
+    """
+    env = os.environ if env is None else env
+    for name in _LOCAL_RANK_VARIABLES:
+        value = env.get(name, "")
+        if value.strip().lstrip("-").isdigit() and int(value) >= 0:
+            return int(value)
+    from accelerate.state import PartialState
+
+    if PartialState._shared_state and PartialState().local_process_index >= 0:
+        return PartialState().local_process_index
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.current_device()
+    hosts: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(hosts, socket.gethostname())
+    return local_index_among_hosts(hosts, torch.distributed.get_rank())
+
+
+# --------------------------------------------------------------------------- weight probe
+
+PROBE_SAMPLES = 1024  # elements read from each probed parameter
+
+
+def _probe_index(shape: tuple[int, ...], samples: int = PROBE_SAMPLES) -> torch.Tensor:
+    """Evenly spaced flat indices into a tensor of `shape` (all of it when it is small)."""
+    count = math.prod(shape)
+    # float64: exact positions up to 2^53 elements (float32 would step past the end of a 500M-element embedding)
+    return torch.linspace(0, count - 1, min(samples, count), dtype=torch.float64).round().long().unique()
+
+
+def _same_layout(engine_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """The first prod(shape) elements of the engine's tensor are the trainer's tensor: same shape, or
+    more rows (vLLM pads the vocabulary of embeddings and heads). Fused (qkv_proj), sharded
+    (tensor parallel) or repacked (CPU linear layers keep a 0-element `weight`) tensors do not match."""
+    if engine_shape == shape:
+        return True
+    return (
+        len(engine_shape) == len(shape) > 1
+        and engine_shape[1:] == shape[1:]
+        and engine_shape[0] >= shape[0]
+    )
+
+
+def _engine_parameters(worker) -> dict[str, tuple[int, ...]]:
+    """(worker side) name -> shape of the served model's non-empty parameters."""
+    model = worker.model_runner.get_model()
+    return {name: tuple(p.shape) for name, p in model.named_parameters() if p.numel()}
+
+
+def _read_probe(worker, probe: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """(worker side) the served model's values at each probe's flat indices, on the CPU."""
+    params = dict(worker.model_runner.get_model().named_parameters())
+    values = {}
+    for name, (shape, index) in probe.items():
+        param = params.get(name)
+        if param is not None and _same_layout(tuple(param.shape), shape):
+            values[name] = param.detach().reshape(-1)[index.to(param.device)].cpu()
+    return values
+
+
+def _recording(
+    weights: Iterator[tuple[str, torch.Tensor]],
+    layouts: dict[str, tuple[int, ...]],
+    probe: dict[str, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass `weights` through, keeping a strided sample of each tensor the engine stores as it is."""
+    for name, tensor in weights:
+        shape = tuple(tensor.shape)
+        if name in layouts and tensor.numel() and _same_layout(layouts[name], shape):
+            index = _probe_index(shape)
+            probe[name] = (shape, index, tensor.reshape(-1)[index.to(tensor.device)].cpu())
+        yield name, tensor
+
+
 def _sampled_logprobs(tokens: list[int], logprobs) -> list[float]:
     """The sampled tokens' log-probs from vLLM's per-position log-probs (flat or list of dicts)."""
     if hasattr(logprobs, "start_indices"):  # FlatLogprobs: the sampled token comes first at each position
@@ -226,19 +400,28 @@ def _finish_reason(reason: str | None) -> str:
 class VLLMEngine:
     """vLLM `LLM` in this process, with in-place weight sync (see the module docstring).
 
+    Building the engine leaves torch's CPU thread count and `torch.set_num_threads` as they were
+    (vLLM changes both process-wide; `restore_torch_threads`), and so does `close`.
+
     Args:
         model_path: checkpoint directory or hub name (weights at start-up; `sync_weights` replaces them).
         dtype: vLLM model dtype ("float32" for exact comparisons on CPU; "bfloat16" on GPUs).
-        max_model_len: prompt + completion limit; a completion that reaches it stops with "length".
+        max_model_len: prompt + completion limit; a completion that reaches it stops with "length",
+            like one cut by `max_tokens`, so callers size it to their longest prompt + token budget
+            (`reasoning eval` and the recipes do). None: the model's own context, as vLLM derives it.
         gpu_memory_utilization: share of GPU memory for weights + KV cache (CUDA only).
         cpu_kv_cache_gib: KV-cache size on CPU (the CPU build otherwise sizes the cache from this
             process's free memory, which a trainer in the same process has already used).
         seed: engine seed; ranks of different data-parallel groups get `seed + group index`.
-        enable_sleep_mode: allow `sleep`/`wake_up` (default: on when CUDA is available).
+        enable_sleep_mode: allow `sleep`/`wake_up` (CUDA only; default off: no trainer calls `sleep`,
+            and vLLM then allocates through its own pool for nothing).
         enforce_eager: no CUDA graphs / compilation (default: True on CPU).
-        tensor_parallel_size: vLLM tensor parallelism (with `external_launcher`, across training ranks).
+        tensor_parallel_size: vLLM tensor parallelism, across training ranks (`external_launcher`);
+            more than 1 needs that many training processes per group (`executor_backend`).
         distributed_executor_backend: default `"external_launcher"` when `torch.distributed` is
-            initialised with world size > 1, else vLLM's default.
+            initialised with world size > 1, else vLLM's ("uni"); "mp" and "ray" are refused.
+        check_weights: after each sync and each wake that restores weights, compare a sample of the
+            engine's weights with the trainer's and raise on a difference (the weight probe).
         **llm_kwargs: passed to `vllm.LLM` (override anything above).
     """
 
@@ -247,7 +430,7 @@ class VLLMEngine:
         model_path: str,
         *,
         dtype: str = "float32",
-        max_model_len: int = 1024,
+        max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.3,
         cpu_kv_cache_gib: float = 1.0,
         seed: int = 0,
@@ -255,6 +438,7 @@ class VLLMEngine:
         enforce_eager: bool | None = None,
         tensor_parallel_size: int = 1,
         distributed_executor_backend: str | None = None,
+        check_weights: bool = True,
         **llm_kwargs,
     ) -> None:
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
@@ -268,25 +452,26 @@ class VLLMEngine:
         from vllm import LLM
 
         cuda = torch.cuda.is_available()
-        self.enable_sleep_mode = cuda if enable_sleep_mode is None else enable_sleep_mode
+        self.enable_sleep_mode = bool(enable_sleep_mode) and cuda  # vLLM's CPU build has no sleep mode
         if enforce_eager is None:
             enforce_eager = not cuda
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         # A process group made by the trainer must survive `close()` (vLLM's shutdown destroys WORLD).
         self._owns_process_group = not dist
         self._tp_group = None
-        if dist and torch.distributed.get_world_size() > 1:
-            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-            if distributed_executor_backend is None:
-                # every training rank drives its own engine, as TRL's colocate mode does
-                distributed_executor_backend = "external_launcher"
+        world = torch.distributed.get_world_size() if dist else 1
+        distributed_executor_backend = executor_backend(
+            distributed_executor_backend,
+            tensor_parallel_size,
+            int(llm_kwargs.get("pipeline_parallel_size", 1)),
+            world,
+        )
+        if world > 1:
+            rank = torch.distributed.get_rank()
             if distributed_executor_backend == "external_launcher":
-                if world % tensor_parallel_size:
-                    raise ValueError(
-                        f"tensor_parallel_size ({tensor_parallel_size}) must divide the world size ({world})"
-                    )
                 os.environ.setdefault("RANK", str(rank))
-                os.environ.setdefault("LOCAL_RANK", str(rank))
+                # vLLM's worker takes cuda:<LOCAL_RANK>: the index on this machine, not the global rank
+                os.environ.setdefault("LOCAL_RANK", str(local_process_index()))
                 os.environ.setdefault("WORLD_SIZE", str(world))
                 # tensor-parallel peers must sample identically; other groups must not
                 seed = seed + rank // tensor_parallel_size
@@ -320,12 +505,26 @@ class VLLMEngine:
         if distributed_executor_backend:
             kwargs["distributed_executor_backend"] = distributed_executor_backend
         kwargs.update(llm_kwargs)
+        threads = torch.get_num_threads()
         self.llm = LLM(**kwargs)
+        self._torch_threads = threads
+        restore_torch_threads(threads)
         self.dtype: torch.dtype = self.llm.llm_engine.model_config.dtype
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-        self.max_model_len = max_model_len
-        self._asleep = False  # some engine memory is released (sleep level >= 1)
+        # what vLLM settled on (its derived default when None, or an override in llm_kwargs)
+        self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
+        self._sleeping: set[str] = set()  # memory released by sleep: "weights", "kv_cache"
         self._weights_discarded = False  # sleep level 2: weights must be pushed before generating
+        self.check_weights = check_weights
+        # the weight probe: name -> (trainer shape, flat indices, values the engine must hold there);
+        # first the checkpoint's own values, after each sync what the trainer sent
+        self._layouts: dict[str, tuple[int, ...]] = {}
+        self._probe: dict[str, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
+        if check_weights:
+            self._layouts = self.llm.collective_rpc(_engine_parameters)[0]
+            probe = {name: (shape, _probe_index(shape)) for name, shape in self._layouts.items()}
+            values = self.llm.collective_rpc(_read_probe, kwargs={"probe": probe})[0]
+            self._probe = {name: (*probe[name], values[name]) for name in values}
 
     # ------------------------------------------------------------------ generation
     @staticmethod
@@ -455,15 +654,25 @@ class VLLMEngine:
         `model` may be wrapped (DDP, accelerate, DeepSpeed), a PEFT model (LoRA merged on the fly)
         or ZeRO-3 partitioned. Tensors are streamed one module at a time into vLLM's layer-wise
         reloader; nothing is written to disk. All ranks must call this together.
+
+        Asleep (sleep mode): wake the weights' memory, reload into it, then wake the KV cache. Then
+        the weight probe: a sample of every tensor the engine stores under the trainer's name and
+        layout is read back and must equal what was sent (`check_weights`).
         """
-        if self._asleep:
-            # the KV cache stays released until the next generate()
-            self.wake_up(tags=["weights"])
+        if "weights" in self._sleeping:
+            self.wake_up(tags=["weights"])  # level 2: memory only, its contents are replaced below
+        probe: dict[str, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
         weights = iter_full_weights(model, dtype=self.dtype)
+        if self.check_weights:
+            weights = _recording(weights, self._layouts, probe)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self._weights_discarded = False
-        if not self._asleep:  # sleeping at level >= 1 already cleared the prefix cache
-            self.llm.reset_prefix_cache()
+        if self._sleeping:
+            self.wake_up(tags=["kv_cache"])
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        if self.check_weights:
+            self._probe = probe
+            self._verify("sync_weights")
 
     def sleep(self, level: int = 1) -> None:
         """Release engine memory while the trainer runs (CUDA with sleep mode; a no-op otherwise).
@@ -475,18 +684,54 @@ class VLLMEngine:
         if not self.enable_sleep_mode or self._asleep:
             return
         self.llm.sleep(level=level)
-        self._asleep = True
+        self._sleeping = {"weights", "kv_cache"}
         self._weights_discarded = level >= 2
 
+    @property
+    def _asleep(self) -> bool:
+        """Some engine memory is released (sleep level >= 1)."""
+        return bool(self._sleeping)
+
     def wake_up(self, tags: list[str] | None = None) -> None:
-        """Re-allocate what `sleep` released (`tags`: "weights", "kv_cache"; None = everything)."""
-        if not self._asleep:
+        """Re-allocate what `sleep` released (`tags`: "weights", "kv_cache"; None = everything).
+
+        Weights restored from a level-1 sleep go through the weight probe: they must equal the
+        last weights synced (or the checkpoint's, before any sync).
+        """
+        woken = self._sleeping & set(tags or self._sleeping)
+        if not woken:
             return
-        fully_awake = self.llm.wake_up(tags=tags)
-        self._asleep = not fully_awake
+        fully_awake = self.llm.wake_up(tags=sorted(woken) if tags else None)
+        self._sleeping = set() if fully_awake else self._sleeping - woken
+        if "weights" in woken and not self._weights_discarded and self.check_weights:
+            self._verify("wake_up")
+
+    def _verify(self, when: str) -> None:
+        """The weight probe: the engine holds the expected values at every probed position."""
+        expected = self._probe
+        held = self.llm.collective_rpc(
+            _read_probe, kwargs={"probe": {name: (shape, index) for name, (shape, index, _) in expected.items()}}
+        )[0]
+        if not held:
+            logger.warning("weight probe after %s: no engine parameter has the trainer's name and layout", when)
+            return
+        wrong = {
+            name: (held[name].float() - expected[name][2].float()).abs().max().item()
+            for name in held
+            if not torch.equal(held[name], expected[name][2].to(held[name].dtype))
+        }
+        if wrong:
+            worst = max(wrong, key=wrong.get)
+            raise RuntimeError(
+                f"after {when}, the vLLM engine's weights differ from the trainer's in {len(wrong)} of {len(held)} "
+                f"probed tensors ({', '.join(sorted(wrong)[:3])}{', ...' if len(wrong) > 3 else ''}; largest "
+                f"difference {wrong[worst]:.3g} in {worst}): generation would use other weights than the policy's "
+                "(a reload that did not apply, or a wake-up that restored stale weights). Run without sleep mode "
+                "(rollout.engine_kwargs.enable_sleep_mode: false); check_weights: false turns this check off"
+            )
 
     def close(self) -> None:
-        """Shut the engine down and free its memory.
+        """Shut the engine down, free its memory and put torch's thread count back.
 
         vLLM's shutdown tears down the distributed state it set up, including the default process
         group; a process group that existed before the engine (the trainer's) is left alone.
@@ -502,6 +747,7 @@ class VLLMEngine:
                 logger.warning("vLLM engine shutdown failed: %s", error)
         del llm
         gc.collect()
+        restore_torch_threads(self._torch_threads)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

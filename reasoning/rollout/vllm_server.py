@@ -31,11 +31,21 @@ Weight push, with vLLM's own mechanisms (both need `VLLM_SERVER_DEV_MODE=1` on t
 
 Distributed training. Every rank generates its own prompts on the shared servers. `sync_weights`
 is called by every rank (ZeRO-3 gathers are collectives); rank 0 alone writes and pushes, and the
-other ranks wait at a barrier until the servers hold the new weights.
+other ranks wait for its outcome (a broadcast) until the servers hold the new weights.
+
+Start-up check. Each server's `/server_info` (a dev-mode route: its `VllmConfig` as JSON) must show
+`model_config.logprobs_mode == "processed_logprobs"` (else its log-probs would be the unwarped
+model's) and, for `weight_sync="nccl"`, a `weight_transfer_config` with the "nccl" backend (the RL
+routes exist without it, but the worker then has no transfer engine and fails at the first push).
+A server that does not qualify is refused with the flag that fixes it.
 
 Failures. Requests time out (`timeout`, `connect_timeout`), connection errors, timeouts and
 502/503/504 answers are retried `retries` times with exponential backoff, and a server that stays
-unreachable raises `ServerUnreachableError` naming its URL and the command that starts it.
+unreachable raises `ServerUnreachableError` naming its URL and the command that starts it. A weight
+push that fails on any server raises, and the engine then refuses every later `sync_weights` and
+`generate`: the servers may hold different weights (the others may have taken the push), so
+pushing again to the ones that answer, or sampling from them, would go on silently with mixed
+policies. Under several training ranks rank 0 broadcasts the outcome, so every rank raises.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +183,10 @@ class VLLMServerEngine:
                 f"weight_sync {weight_sync!r} is not one of {', '.join(WEIGHT_SYNC_MODES)}: 'checkpoint' "
                 "(servers reload a safetensors checkpoint in place) or 'nccl' (GPU weight transfer)"
             )
+        if weight_sync == "nccl" and not nccl_host:  # every rank has the recipe's value: all refuse alike
+            raise ValueError(
+                "weight_sync='nccl' needs nccl_host: the address at which the servers reach the rank-0 trainer"
+            )
         if batch_size < 1 or retries < 0:
             raise ValueError(f"batch_size must be >= 1 and retries >= 0, got {batch_size} and {retries}")
         torch_dtype = getattr(torch, dtype, None)
@@ -194,6 +208,7 @@ class VLLMServerEngine:
         self._version = 0
         self._nccl_engines: list[Any] | None = None
         self._nccl_source: Any = None
+        self._failure: str | None = None  # a failed push: the servers may hold different weights
         try:
             self.max_model_len = min(self._check_server(url) for url in self.servers)
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
@@ -247,7 +262,7 @@ class VLLMServerEngine:
         self._request("GET", url, "/health")
         models = self._request("GET", url, "/v1/models")["data"]
         routes = set(self._request("GET", url, "/openapi.json")["paths"])
-        needed = {"/collective_rpc", "/reset_prefix_cache"}
+        needed = {"/collective_rpc", "/reset_prefix_cache", "/server_info"}
         if self.weight_sync == "nccl":
             needed |= {"/init_weight_transfer_engine", "/update_weights", "/get_world_size"}
         missing = sorted(needed - routes)
@@ -261,6 +276,7 @@ class VLLMServerEngine:
                     else ""
                 )
             )
+        self.check_server_config(url, self._request("GET", url, "/server_info", params={"config_format": "json"}))
         served = models[0].get("root") or models[0]["id"]
         if Path(served).resolve() != Path(self.model_path).resolve() and served != self.model_path:
             logger.warning(
@@ -272,10 +288,51 @@ class VLLMServerEngine:
             )
         return int(models[0]["max_model_len"])
 
+    def check_server_config(self, url: str, info: dict[str, Any]) -> None:
+        """Refuse a server whose `/server_info?config_format=json` answer shows it cannot serve this engine."""
+        config = info.get("vllm_config") if isinstance(info, dict) else None
+        if not isinstance(config, dict):
+            raise RuntimeError(f"vLLM server {url}: /server_info did not return its configuration as JSON")
+        mode = (config.get("model_config") or {}).get("logprobs_mode")
+        if mode != "processed_logprobs":
+            raise RuntimeError(
+                f"vLLM server {url} runs with logprobs_mode {mode!r}: its log-probs would be those of the unwarped "
+                "model, not of the distribution the tokens were drawn from (after temperature, top-k, top-p), "
+                "which importance ratios need. Restart it with --logprobs-mode processed_logprobs"
+            )
+        if self.weight_sync == "nccl":
+            transfer = config.get("weight_transfer_config") or {}
+            backend = transfer.get("backend") if isinstance(transfer, dict) else None
+            if backend != "nccl":
+                raise RuntimeError(
+                    f"vLLM server {url} has no NCCL weight-transfer engine (weight_transfer_config: {transfer or None}), "
+                    "which weight_sync='nccl' pushes through: restart it with --weight-transfer-config "
+                    '\'{"backend": "nccl"}\', or use weight_sync=\'checkpoint\''
+                )
+
     def _post_all(self, path: str, **kwargs: Any) -> list[Any]:
-        """The same POST to every server, concurrently."""
+        """The same POST to every server, concurrently; waits for all, then raises if any failed
+        (naming the servers that failed and those that answered)."""
         futures = [self._pool.submit(self._request, "POST", url, path, **kwargs) for url in self.servers]
+        wait(futures)
+        failed = [(url, f.exception()) for url, f in zip(self.servers, futures) if f.exception() is not None]
+        if failed:
+            answered = [url for url, f in zip(self.servers, futures) if f.exception() is None]
+            error = failed[0][1]
+            kind = ServerUnreachableError if isinstance(error, ServerUnreachableError) else RuntimeError
+            raise kind(
+                f"POST {path} failed on {len(failed)} of {len(self.servers)} server(s) "
+                f"({', '.join(u for u, _ in failed)}); answered: {', '.join(answered) or 'none'}. {error}"
+            ) from error
         return [future.result() for future in futures]
+
+    def _require_consistent(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(
+                f"an earlier weight push failed ({self._failure}); the servers may now hold different weights, "
+                "so this engine refuses to push or sample again. Restart the servers (or the one that failed) and "
+                "resume the run from its last checkpoint"
+            )
 
     # ------------------------------------------------------------------ generation
     @staticmethod
@@ -337,6 +394,7 @@ class VLLMServerEngine:
             raise ValueError(f"n must be >= 1, got {n}")
         if seeds is not None and len(seeds) != len(prompt_ids):
             raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts: give one seed per prompt")
+        self._require_consistent()
         too_long = [i for i, p in enumerate(prompt_ids) if len(p) + 1 > self.max_model_len]
         if too_long:
             raise ValueError(
@@ -387,27 +445,53 @@ class VLLMServerEngine:
         """Make every server generate from `model`'s current weights (all training ranks call this).
 
         `model` may be wrapped (DDP, accelerate, DeepSpeed), a PEFT model (LoRA merged) or ZeRO-3
-        partitioned. Rank 0 pushes; the other ranks take part in the ZeRO-3 gathers and then wait.
+        partitioned. Rank 0 pushes; the other ranks take part in the ZeRO-3 gathers and then wait for
+        rank 0's outcome. A push that fails on any server raises on every rank and leaves the engine
+        refusing further pushes and generation (see the module docstring, "Failures").
         """
+        self._require_consistent()
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        several = dist and torch.distributed.get_world_size() > 1
         rank = torch.distributed.get_rank() if dist else 0
         if self.weight_sync == "nccl":
-            self._sync_nccl(model, rank)
-        elif rank == 0:
-            directory = self.write_checkpoint(model)
-            self._post_all(
-                "/collective_rpc",
-                json={"method": "reload_weights", "kwargs": {"weights_path": str(directory)}},
-            )
-            self._post_all("/reset_prefix_cache")
-            for old in self.weights_dir.glob("v*"):
-                if old != directory:
-                    shutil.rmtree(old, ignore_errors=True)
-        else:
-            for _ in iter_full_weights(model):  # join rank 0's ZeRO-3 gathers
-                pass
-        if dist and torch.distributed.get_world_size() > 1:
-            torch.distributed.barrier()
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    "weight_sync='nccl' broadcasts CUDA tensors and needs GPUs; on CPU use weight_sync='checkpoint'"
+                )
+        error: Exception | None = None
+        pushing = self.weight_sync == "nccl"  # from here on, some server may take the new weights
+        try:
+            if self.weight_sync == "nccl":
+                self._sync_nccl(model, rank)
+            elif rank == 0:
+                directory = self.write_checkpoint(model)  # a failure before this point changed no server
+                pushing = True
+                self._post_all(
+                    "/collective_rpc",
+                    json={"method": "reload_weights", "kwargs": {"weights_path": str(directory)}},
+                )
+                self._post_all("/reset_prefix_cache")
+                for old in self.weights_dir.glob("v*"):
+                    if old != directory:
+                        shutil.rmtree(old, ignore_errors=True)
+            else:
+                for _ in iter_full_weights(model):  # join rank 0's ZeRO-3 gathers
+                    pass
+        except Exception as caught:  # noqa: BLE001 - re-raised below, after every rank knows
+            error = caught
+        outcome = None if error is None else (f"{type(error).__name__}: {error}", pushing)
+        if several:  # rank 0's outcome reaches every rank (and this is the barrier)
+            box = [outcome]
+            torch.distributed.broadcast_object_list(box, src=0)
+            outcome = box[0] if box[0] is not None or error is None else outcome
+        if outcome is None:
+            return
+        message, inconsistent = outcome
+        if inconsistent:
+            self._failure = message
+        if error is not None:
+            raise error
+        raise RuntimeError(f"the weight push failed on rank 0: {message}")
 
     def write_checkpoint(self, model: torch.nn.Module) -> Path:
         """Write `model`'s full inference weights as safetensors shards into a new `weights_dir/vN`.
@@ -451,18 +535,10 @@ class VLLMServerEngine:
             NCCLTrainerWeightTransferEngine,
         )
 
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                "weight_sync='nccl' broadcasts CUDA tensors and needs GPUs; on CPU use weight_sync='checkpoint'"
-            )
         if self._nccl_source is None:
             self._nccl_source = model_weight_source(model)
         self._nccl_source.model = model
         if self._nccl_engines is None:
-            if rank == 0 and not self.nccl_host:
-                raise ValueError(
-                    "weight_sync='nccl' needs nccl_host: the address at which the servers reach this process"
-                )
             self._nccl_engines = []
             for i, url in enumerate(self.servers):
                 workers = self._request("GET", url, "/get_world_size")["world_size"] if rank == 0 else 0
@@ -478,16 +554,35 @@ class VLLMServerEngine:
                         info, client=client, source=self._nccl_source
                     )
                 )
+        error: Exception | None = None
         for engine in self._nccl_engines:
-            engine.send_weights()
+            if error is None:
+                try:
+                    engine.send_weights()
+                except Exception as caught:  # noqa: BLE001 - stop pushing; raised below
+                    error = caught
+            else:  # no push to the remaining servers; still join the other ranks' ZeRO-3 gathers
+                for _ in self._nccl_source:
+                    pass
+        if error is not None:
+            raise error
         if rank == 0:
             self._post_all("/reset_prefix_cache")
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
-        """Close connections and NCCL groups; remove the temporary weights directory (servers keep running)."""
-        for engine in self._nccl_engines or []:
-            engine.shutdown()
+        """Shut the weight-transfer engines down (each server's and this process's NCCL group), close
+        connections, remove the temporary weights directory. The servers keep running. One failing
+        shutdown does not stop the others (a warning each)."""
+        for url, engine in zip(self.servers, self._nccl_engines or []):
+            steps = [("the trainer's NCCL group", engine.shutdown)]
+            if getattr(engine, "is_sender", True):  # rank 0 drives the server (vLLM's `is_sender`)
+                steps.insert(0, ("the server's weight-transfer engine", engine.client.shutdown_weight_transfer_engine))
+            for what, shutdown in steps:
+                try:
+                    shutdown()
+                except Exception as error:  # noqa: BLE001 - best effort at teardown
+                    logger.warning("vLLM server %s: shutting %s down failed: %s", url, what, error)
         self._nccl_engines = None
         self._pool.shutdown(wait=True)
         self._http.close()

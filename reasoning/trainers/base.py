@@ -437,6 +437,14 @@ class RolloutTrainer(NonFiniteLossGuard, ResumableTrainer, Trainer):
         self.sync_count += 1
         self._metrics["time/sync"].append(time.monotonic() - start)
 
+    def evaluation_engine(self) -> RolloutEngine:
+        """The engine with the policy's current weights, lent to an evaluation during training
+        (`reasoning.trainers.evaluation`). The next generation syncs again, which also clears the
+        prefix cache the evaluation filled, so the training rollouts are those of a run without it."""
+        self.sync_engine()
+        self._last_sync_step = None
+        return self.engine
+
     def generation_sampling(self) -> Sampling:
         """The sampling settings of this generation (seeded by the step, so a resume repeats it)."""
         seed = None if self.sampling.seed is None else self.sampling.seed + 1000 * self.state.global_step

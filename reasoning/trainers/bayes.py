@@ -11,10 +11,13 @@ engine's sampling log-probs) or a frozen snapshot (`offline`, log q by teacher f
 every K generations when π is closer to p by the estimated KL(p‖·) or TV (the adaptive update).
 Z_c is estimated by importance sampling, log Ẑ = log mean_q[P/q], pooled over every visit of the
 prompt (`conditional`, one Z per prompt) or over the whole batch, all samples or the last W batches.
-The sequence-level pseudo-reward R of the chosen divergence (fkl = DPG, rkl = KL-RL, js, tv;
-`reasoning.objectives.bayes`) minus a baseline B gives the loss −(R − B)·log π(x), averaged over the
-optimizer step's samples: E_q[R ∇log π] = −∇D(p, π). GDC++ baseline: B = c·π/q with c = E_π[R·q/π],
-which is exactly 1 for fkl (Korbak et al. 2022); `moving_average`: an EMA of the batch mean of R.
+The sequence-level pseudo-reward R = (π/q)·r_f of the chosen divergence (fkl = DPG, rkl = KL-RL, js,
+tv; r_f = −f′(π/p), `reasoning.objectives.bayes`) minus a baseline B = b·(π/q) gives the loss
+−(R − B)·log π(x), averaged over the optimizer step's samples (`pseudo_reward_loss`):
+E_q[R ∇log π] = −∇D(p, π), and the baseline term has mean zero for any q. GDC++: b = c = E_π[r_f],
+which is exactly 1 for fkl (Korbak et al. 2022); `moving_average`: b = the mean of r_f over the last
+`baseline_window` samples of earlier generations (naver/disco's windowed moving average; none before
+the first), so B multiplies the importance ratio as in disco's `FDivergenceLoss`.
 
 Warpers. a, π and q are compared as *distributions of complete sequences*, so they must be scored
 with the warpers used for sampling. By default the trainer requires temperature 1 and no top-k /
@@ -40,15 +43,15 @@ from reasoning.objectives.bayes import (
     estimate_kl_policy_base,
     estimate_log_z,
     estimate_tv,
+    f_pseudo_reward,
     fit_moment_lambdas,
-    gdcpp_baseline,
     group_log_mean_exp,
     log_target,
     moment_log_target,
-    moving_average,
     pointwise_log_target,
     pool_log_means,
     pseudo_reward,
+    pseudo_reward_loss,
     self_normalized_moments,
 )
 from reasoning.objectives.logprobs import masked_mean
@@ -114,10 +117,16 @@ class BayesConfig(RolloutTrainerConfig):
     )
     baseline: str = field(
         default="gdc++",
-        metadata={"help": "gdc++ (c·π/q, c = 1 for fkl), moving_average (EMA of mean R) or none."},
+        metadata={
+            "help": "gdc++ (c·π/q, c = 1 for fkl), moving_average (b·π/q, b = windowed mean of −f′(π/p), "
+            "as naver/disco) or none."
+        },
     )
-    baseline_momentum: float = field(
-        default=0.1, metadata={"help": "EMA momentum of the moving-average baseline."}
+    baseline_window: int = field(
+        default=1024,
+        metadata={
+            "help": "moving_average: b averages −f′(π/p) over the last this many samples (disco: 1024)."
+        },
     )
     conditional: bool = field(
         default=True, metadata={"help": "One Z per prompt (conditional target) instead of one for the batch."}
@@ -166,8 +175,8 @@ class BayesConfig(RolloutTrainerConfig):
                 )
         if self.proposal_update_every < 1:
             raise ValueError(f"proposal_update_every must be >= 1, got {self.proposal_update_every}")
-        if not 0 < self.baseline_momentum <= 1:
-            raise ValueError(f"baseline_momentum must be in (0, 1], got {self.baseline_momentum}")
+        if self.baseline_window < 1:
+            raise ValueError(f"baseline_window must be >= 1 (samples), got {self.baseline_window}")
         if self.z_window < 0:
             raise ValueError(f"z_window must be >= 0 (0 = all samples), got {self.z_window}")
 
@@ -308,7 +317,8 @@ class BayesTrainer(RolloutTrainer):
         )
         # state saved in checkpoints
         self.log_z_state: dict[str, list[tuple[float, float]]] = {}
-        self.baseline_value: float | None = None
+        self.baseline_value: float | None = None  # the mean of `baseline_window_values`
+        self.baseline_window_values: list[float] = []
         self.proposal_updates = 0
         self._window: dict[str, list[float]] = {"policy": [], "proposal": []}
         self._generations_since_check = 0
@@ -579,14 +589,19 @@ class BayesTrainer(RolloutTrainer):
             coefficient = coefficient.repeat_interleave(size)
         else:
             coefficient = (all_rewards.sum() / all_ratios.sum()).expand(n)
-        batch_mean = float(all_rewards.mean())
+        used = 0.0
         if cfg.baseline == "moving_average":
-            used = self.baseline_value if self.baseline_value is not None else batch_mean
-            self.baseline_value = float(
-                moving_average(self.baseline_value, batch_mean, cfg.baseline_momentum)
-            )
-        else:
-            used = 0.0
+            # disco: b is the window's mean before this batch (none at first), then the batch's −f′(π/p)
+            # join the window; a context without target mass contributes nothing (disco skips it)
+            used = self.baseline_value if self.baseline_value is not None else 0.0
+            pointwise = f_pseudo_reward(cfg.divergence, log_p, per_sample_log_z, log_pi)
+            all_pointwise, _ = self.gather_generation(pointwise)
+            all_finite, _ = self.gather_generation(per_sample_log_z.isfinite().double())
+            window = self.baseline_window_values + all_pointwise[all_finite > 0].tolist()
+            self.baseline_window_values = window[-cfg.baseline_window :]
+            if self.baseline_window_values:
+                self.baseline_value = sum(self.baseline_window_values) / len(self.baseline_window_values)
+            self.record("bayes/baseline", used)
         batch.update(
             log_target=log_p.float(),
             log_z=per_sample_log_z.float(),
@@ -724,15 +739,12 @@ class BayesTrainer(RolloutTrainer):
         )
         current = log_pi.detach().double()
         reward = pseudo_reward(cfg.divergence, log_p, log_z, current, log_q)
-        if cfg.baseline == "gdc++":
-            base = batch["baseline_coef"].to(current.device).double() * gdcpp_baseline(0.0, current, log_q)
-        elif cfg.baseline == "moving_average":
-            base = batch["baseline_value"].to(current.device).double()
-        else:
-            base = torch.zeros_like(reward)
-        advantage = torch.where(log_z.isfinite(), reward - base, torch.zeros_like(reward))
-        if cfg.max_pseudo_reward is not None:
-            advantage = advantage.clamp(-cfg.max_pseudo_reward, cfg.max_pseudo_reward)
+        # the baseline b of −f′(π/p) enters as b·π/q (`baselined_advantage`), unbiased for q ≠ π
+        baseline = {"gdc++": "baseline_coef", "moving_average": "baseline_value"}.get(cfg.baseline)
+        b = batch[baseline].to(current.device).double() if baseline else 0.0
+        loss, advantage = pseudo_reward_loss(
+            cfg.divergence, log_p, log_z, log_pi.double(), log_q, b, cfg.max_pseudo_reward
+        )
         self.record(
             "bayes/pseudo_reward_mean", reward[log_z.isfinite()].mean() if log_z.isfinite().any() else 0.0
         )
@@ -741,13 +753,14 @@ class BayesTrainer(RolloutTrainer):
             self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
         )
         accumulation = accumulation if model.training else 1
-        return -(advantage.to(log_pi.dtype) * log_pi).mean() / accumulation
+        return loss.to(log_pi.dtype) / accumulation
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_extra_state(self) -> dict[str, Any]:
         state = {
             "log_z_state": {k: list(v) for k, v in self.log_z_state.items()},
             "baseline_value": self.baseline_value,
+            "baseline_window_values": list(self.baseline_window_values),
             "moment_lambdas": self.moment_lambdas,
             "proposal_updates": self.proposal_updates,
             "window": {k: list(v) for k, v in self._window.items()},
@@ -762,6 +775,7 @@ class BayesTrainer(RolloutTrainer):
     def load_trainer_extra_state(self, state: dict[str, Any]) -> None:
         self.log_z_state = {k: [tuple(x) for x in v] for k, v in state["log_z_state"].items()}
         self.baseline_value = state["baseline_value"]
+        self.baseline_window_values = list(state.get("baseline_window_values", []))
         self.moment_lambdas = state["moment_lambdas"]
         self.proposal_updates = state["proposal_updates"]
         self._window = {k: list(v) for k, v in state["window"].items()}

@@ -17,6 +17,16 @@ if TYPE_CHECKING:
     from transformers import Trainer
 
 
+# The cost of one evaluation during training (`reasoning.trainers.evaluation`); its presence marks
+# a logged dict as that evaluation's record rather than a training log.
+EVAL_TIME = "time/eval"
+
+
+def is_evaluation_log(logs: dict[str, Any]) -> bool:
+    """Whether a logged dict is the record of an evaluation during training."""
+    return EVAL_TIME in logs
+
+
 class TimeLimitCallback(TrainerCallback):
     """Stop training (and save, as at the end of any run) once `seconds` of training have passed."""
 
@@ -60,9 +70,11 @@ class JsonlMetricsCallback(TrainerCallback):
 
     A run that starts at global step c (c > 0: resumed from checkpoint c; 0: from scratch) first
     drops what an interrupted attempt wrote after c, including its end-of-training summary at c:
-    the run logs those steps again, and each step appears once. `time` continues from the last
-    record kept (time spent training, not time since the first launch). A second `train` call in
-    the same process appends."""
+    the run logs those steps again, and each step appears once. Records at step c itself were
+    written before checkpoint c and are kept, except at c = 0, where they come from the start of
+    training (the evaluation at step 0), which a run from scratch repeats. `time` continues from
+    the last record kept (time spent training, not time since the first launch). A second `train`
+    call in the same process appends."""
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path else None
@@ -79,7 +91,7 @@ class JsonlMetricsCallback(TrainerCallback):
         step = state.global_step
         kept = rewind_jsonl(
             self._path(args),
-            lambda r: r.get("step", 0) < step or (r.get("step") == step and "train_runtime" not in r),
+            lambda r: r.get("step", 0) < step or (0 < step == r.get("step") and "train_runtime" not in r),
         )
         times = [r["time"] for r in kept if isinstance(r.get("time"), (int, float))]
         self.start = time.monotonic() - (times[-1] if times else 0.0)
@@ -122,6 +134,19 @@ def key_metrics(logs: dict[str, Any]) -> dict[str, float]:
     return shown
 
 
+def evaluation_line(step: int, logs: dict[str, Any]) -> str:
+    """`step 20 eval  addition avg@4 41.2% pass@4 70.0% maj@4 45.0% len 27.4  (12.3 s)` from an
+    evaluation record: per benchmark its accuracies in %, the mean completion length in tokens; the cost."""
+    shown: dict[str, list[str]] = {}
+    for name, value in logs.items():
+        if name.startswith("eval/") and isinstance(value, (int, float)):
+            benchmark, metric = name[len("eval/") :].rsplit("/", 1)
+            text = f"len {value:.1f}" if metric == "mean_length" else f"{metric} {100 * value:.1f}%"
+            shown.setdefault(benchmark, []).append(text)
+    parts = " | ".join(f"{benchmark} {' '.join(texts)}" for benchmark, texts in shown.items())
+    return f"step {step} eval  {parts}  ({logs.get(EVAL_TIME, math.nan):.1f} s)"
+
+
 class MetricsProgressCallback(ProgressCallback):
     """transformers' tqdm bar with the key metrics (reward, accuracy, KL, ..., seconds per step) as its
     postfix, updated at every log, instead of a printed dict per log (metrics.jsonl keeps them all)."""
@@ -135,6 +160,9 @@ class MetricsProgressCallback(ProgressCallback):
             return
         if "train_runtime" in logs:  # the end-of-training summary: print it as transformers does
             return super().on_log(args, state, control, logs=logs, **kw)
+        if is_evaluation_log(logs):  # one line above the bar; the postfix keeps the training metrics
+            self.training_bar.write(evaluation_line(state.global_step, logs), file=self.training_bar.fp)
+            return
         postfix = {k: f"{v:.4g}" for k, v in key_metrics(logs).items()}
         now, step = time.monotonic(), state.global_step
         if step > self._last[1]:
@@ -172,7 +200,7 @@ class CompletionsTableCallback(TrainerCallback):
         return [json.loads(line) for line in data[:end].decode().splitlines() if line.strip()]
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw):
-        if not state.is_world_process_zero:
+        if not state.is_world_process_zero or is_evaluation_log(logs or {}):  # rows go with training logs
             return
         rows = self._new_rows(args)[: self.max_rows]
         if not rows:

@@ -10,17 +10,23 @@ composite policy p′(z_t|·) = w p_φ(z_t|·) + (1 − w) q_ψ(z_t|·) (w = ½ 
   the prior prompt with probability α, else from the posterior prompt;
 - both template passes (prior and posterior prompt over the same completion tokens) run as one
   batched forward; log p′_t = logsumexp(log w + ℓp_t, log(1 − w) + ℓq_t);
-- reward R = log p_θold(y*|x, z): the trace is cut at the answer marker (a token boundary), the
-  answer prefix and y* are appended and scored by the old policy under the prior prompt;
-- advantage Â = R − mean of the group (optionally std-normalised; truncated samples excluded);
+- reward R = log p_θold(y*|x, z): the trace is cut at the answer marker (a token boundary,
+  `rewards.likelihood.cut_trace`), the answer prefix and y* are appended and scored by the old policy
+  under the prior prompt (EOS not scored); completions without a marker and truncated ones are
+  excluded (Â = 0) by default;
+- advantage Â = R − mean of the group (optionally std-normalised);
 - loss = clipped surrogate on p′ (ε = 0.3; ratio p′_θ / p_behaviour,old, the old prior's
   probability for prior-sampled rows and the old posterior's for posterior-sampled ones)
   + kl_coef · KL(p′ ‖ p_φ) (per-token unbiased estimator, skipped on truncated samples)
-  + selective NLL of the prior on prior-sampled, well-formed samples with Â > 0;
+  + selective NLL of the prior on prior-sampled, well-formed samples with Â > 0; the policy terms
+  cover the trace and its answer marker, reduced per token then per sequence (`loss_type: grpo`);
 - `reward:` swaps in the verifier-free baselines — verifree, rlpr, jepo, nover, latro — or the
   usual correctness reward (`verifier`). With α = 1 (and then, by default, w = 1: the policy is the
   prior alone, the KL term vanishes and the posterior pass is skipped) each reproduces its method
-  under otherwise identical settings.
+  under otherwise identical settings, with the reductions, weights and defaults of its released
+  trainer where one exists (docs/covrl.md): VeriFree and LaTRO sum the policy term over the trace
+  (`loss_type: sum`), RLPR std-normalises advantages and filters groups by an EMA bound, NOVER
+  ranks with a log10 length normaliser.
 
 The mathematics lives in `objectives/covrl.py`, `objectives/policy.py` and `rewards/likelihood.py`;
 this file holds the sampling and the orchestration.
@@ -37,7 +43,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from reasoning.data.templates import add_posterior_prompts, encode, scoring_ids, split_trace
+from reasoning.data.templates import add_posterior_prompts, encode
 from reasoning.models.scoring import final_states, span_token_logprobs, states_token_logprobs
 from reasoning.objectives.covrl import (
     behaviour_logprobs,
@@ -52,8 +58,12 @@ from reasoning.objectives.logprobs import masked_mean, masked_sum
 from reasoning.objectives.policy import aggregate_loss, clipped_surrogate
 from reasoning.objectives.variational import normalized_weights
 from reasoning.rewards.likelihood import (
+    MISSING_ANSWER,
+    RLPRStdFilter,
+    TraceCut,
+    answer_layout,
     answer_logprob,
-    ema_threshold,
+    cut_trace,
     group_reward_std,
     jensen_bound,
     latro_reward,
@@ -71,6 +81,13 @@ from reasoning.trainers.base import RolloutTrainer, RolloutTrainerConfig, is_pef
 REWARDS = ("covrl", "verifree", "rlpr", "jepo", "nover", "latro", "verifier")
 SOURCES = ("prior", "posterior")
 LOSS_TYPES = ("grpo", "token_mean", "dr_grpo", "sum")
+# `loss_type` -> `policy.aggregate_loss` reduction
+AGGREGATION = {"grpo": "grpo", "token_mean": "token_mean", "dr_grpo": "dr_grpo", "sum": "sequence_sum"}
+# rewards that are probabilities (p(y*|x,z) = 0 is reward 0) and log-likelihoods (log 0 = −∞)
+PROBABILITY_REWARDS = ("verifree", "rlpr", "nover")
+LOG_REWARDS = ("covrl", "jepo", "latro")
+# verl's GRPO normalisation in the released RLPR trainer: Â = (r − mean)/(std + 1e-6), 0 where std < 1e-6
+RLPR_STD_EPS = 1e-6
 
 
 @dataclass
@@ -109,9 +126,13 @@ class CoVRLConfig(RolloutTrainerConfig):
             "composite (old p′, the plain PPO ratio)."
         },
     )
-    scale_advantages: str = field(
-        default="none",
-        metadata={"help": "Advantage scale after the group baseline: none, group (std) or batch (std)."},
+    scale_advantages: str | None = field(
+        default=None,
+        metadata={
+            "help": "Advantage scale after the group baseline: none, group (std) or batch (std). "
+            "Default: group for rlpr (its released trainer, eps 1e-6, groups with std < 1e-6 get 0), "
+            "none otherwise."
+        },
     )
     baseline: str | None = field(
         default=None,
@@ -124,9 +145,12 @@ class CoVRLConfig(RolloutTrainerConfig):
         default="token",
         metadata={"help": "KL estimator weight: token (p′/s per token, methods file) or sequence (prefix)."},
     )
-    nll_coef: float = field(
-        default=0.1,
-        metadata={"help": "Selective NLL (prior-sampled, well-formed, Â > 0) coefficient."},
+    nll_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Selective NLL (prior-sampled, well-formed, Â > 0) coefficient: CoVRL's third loss term. "
+            "Default: 0.1 for covrl, 0 for the baselines (their released trainers have no such term)."
+        },
     )
     answer_nll_coef: float | None = field(
         default=None,
@@ -140,22 +164,42 @@ class CoVRLConfig(RolloutTrainerConfig):
         metadata={"help": "covrl/jepo reward: sum (log p(y*|x,z)) or mean (per answer token)."},
     )
     truncated_reward: Any = field(
-        default="none",
+        default=None,
         metadata={
-            "help": 'Reward of truncated samples: "none" (excluded from the group, Â = 0) or a number.'
+            "help": 'Reward of truncated samples: "none" (excluded from the group, Â = 0), "score" (kept '
+            "as scored) or a number. Default: 0 for verifree (p = 0, kept in the RLOO group) and nover "
+            '(format-invalid: 0), "score" for rlpr (as their released trainers), "none" otherwise.'
+        },
+    )
+    missing_answer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Completions without an answer marker: zero (p(y*|x,z) = 0: reward 0, kept in the group), "
+            "exclude (no reward, Â = 0) or score (y* scored after the whole completion). Default: zero "
+            "for verifree, rlpr, nover; exclude for covrl, jepo, latro (log 0 = −inf has no finite "
+            "advantage, so zero is refused there)."
+        },
+    )
+    score_eos: bool = field(
+        default=False,
+        metadata={
+            "help": "Score EOS after y* in the likelihood rewards (the released VeriFree, RLPR, NOVER and "
+            "variational-reasoning code do not)."
         },
     )
     policy_tokens: str = field(
         default="trace",
         metadata={
-            "help": "Tokens under the surrogate and KL: trace (before the answer marker) or completion "
-            "(every generated token)."
+            "help": "Tokens under the surrogate and KL: trace (up to and including the answer marker; the "
+            "whole completion when it has none) or completion (every generated token)."
         },
     )
-    loss_type: str = field(
-        default="grpo",
+    loss_type: str | None = field(
+        default=None,
         metadata={
-            "help": "Token aggregation: grpo (mean over tokens, then sequences), token_mean, dr_grpo, sum."
+            "help": "Token aggregation: grpo (mean over tokens, then sequences), token_mean, dr_grpo, sum "
+            "(sum over each trace, then mean over sequences: the released VeriFree and LaTRO trainers). "
+            "Default: sum for verifree and latro, grpo otherwise."
         },
     )
     hint_column: str = field(
@@ -169,11 +213,39 @@ class CoVRLConfig(RolloutTrainerConfig):
     rlpr_debias: bool = field(
         default=True, metadata={"help": "RLPR: subtract the no-trace mean token probability."}
     )
+    rlpr_format_coef: float = field(
+        default=0.1,
+        metadata={
+            "help": "RLPR: reward = (1 − c)·probability term + c·format check (released trainer: 0.1)."
+        },
+    )
     rlpr_std_filter: bool = field(
-        default=True, metadata={"help": "RLPR: drop groups whose reward std is below the EMA threshold."}
+        default=True,
+        metadata={"help": "RLPR: drop groups whose reward std is below β × EMA of the mean group std."},
+    )
+    rlpr_std_filter_beta: float = field(
+        default=0.5,
+        metadata={"help": "RLPR: β of the std bound (released scripts: 0.5 Qwen, 0.9 Llama, 1.0 Gemma)."},
     )
     rlpr_filter_momentum: float = field(
-        default=0.99, metadata={"help": "RLPR: momentum of the EMA threshold."}
+        default=0.99, metadata={"help": "RLPR: momentum of the EMA of the mean group std."}
+    )
+    rlpr_filter_ema_start: int = field(
+        default=6,
+        metadata={"help": "RLPR: first generation (1-based) whose mean group std seeds the EMA."},
+    )
+    rlpr_filter_start: int = field(
+        default=11,
+        metadata={
+            "help": "RLPR: first generation that is filtered; the EMA starts as the mean over generations "
+            "rlpr_filter_ema_start .. rlpr_filter_start − 1."
+        },
+    )
+    nover_log_base: float = field(
+        default=10.0,
+        metadata={
+            "help": "NOVER: base of the log in the length normaliser max(1, 1 + log |z|) (released code: 10)."
+        },
     )
     scoring_batch_size: int = field(
         default=64, metadata={"help": "Sequences per forward when scoring the reference answer."}
@@ -181,6 +253,14 @@ class CoVRLConfig(RolloutTrainerConfig):
 
     def __post_init__(self) -> None:
         _one_of("reward", self.reward, REWARDS)
+        if self.scale_advantages is None:
+            self.scale_advantages = "group" if self.reward == "rlpr" else "none"
+        if self.loss_type is None:
+            self.loss_type = "sum" if self.reward in ("verifree", "latro") else "grpo"
+        if self.truncated_reward is None:
+            self.truncated_reward = {"verifree": 0.0, "nover": 0.0, "rlpr": "score"}.get(self.reward, "none")
+        if self.missing_answer is None:
+            self.missing_answer = "zero" if self.reward in PROBABILITY_REWARDS else "exclude"
         _one_of("sampling_level", self.sampling_level, ("rollout", "group"))
         _one_of("ratio_to", self.ratio_to, ("behaviour", "composite"))
         _one_of("scale_advantages", self.scale_advantages, ("none", "group", "batch"))
@@ -188,6 +268,28 @@ class CoVRLConfig(RolloutTrainerConfig):
         _one_of("answer_reduction", self.answer_reduction, ("sum", "mean"))
         _one_of("policy_tokens", self.policy_tokens, ("trace", "completion"))
         _one_of("loss_type", self.loss_type, LOSS_TYPES)
+        _one_of("missing_answer", self.missing_answer, MISSING_ANSWER)
+        if self.missing_answer == "zero" and self.reward in LOG_REWARDS:
+            raise ValueError(
+                f"missing_answer zero gives the {self.reward} reward log p(y*|x,z) = log 0 = -inf, which has "
+                "no finite advantage; use exclude or score"
+            )
+        if not 0.0 <= self.rlpr_format_coef <= 1.0:
+            raise ValueError(f"rlpr_format_coef must be in [0, 1], got {self.rlpr_format_coef}")
+        if not 1 <= self.rlpr_filter_ema_start < self.rlpr_filter_start:
+            raise ValueError(
+                "rlpr_filter_ema_start must be >= 1 and below rlpr_filter_start, got "
+                f"{self.rlpr_filter_ema_start} and {self.rlpr_filter_start}"
+            )
+        if self.rlpr_std_filter_beta < 0 or not 0.0 <= self.rlpr_filter_momentum < 1.0:
+            raise ValueError(
+                "rlpr_std_filter_beta must be >= 0 and rlpr_filter_momentum in [0, 1), got "
+                f"{self.rlpr_std_filter_beta} and {self.rlpr_filter_momentum}"
+            )
+        if self.nover_log_base <= 1.0:
+            raise ValueError(
+                f"nover_log_base must be > 1 (10, or e for the natural log), got {self.nover_log_base}"
+            )
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.composite_weight is None:
@@ -197,14 +299,18 @@ class CoVRLConfig(RolloutTrainerConfig):
         if self.baseline is None:
             self.baseline = "rloo" if self.reward in ("verifree", "latro") else "mean"
         _one_of("baseline", self.baseline, ("mean", "rloo"))
+        if self.nll_coef is None:
+            self.nll_coef = 0.1 if self.reward == "covrl" else 0.0
         if self.answer_nll_coef is None:
             self.answer_nll_coef = 1.0 if self.reward in ("verifree", "jepo") else 0.0
         if self.epsilon <= 0:
             raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
-        if self.truncated_reward != "none":
+        if self.truncated_reward not in ("none", "score"):
             value = truncated_value(self.truncated_reward)
             if not math.isfinite(value):
-                raise ValueError('truncated_reward must be "none" or a finite number')
+                raise ValueError(
+                    f'truncated_reward must be "none", "score" or a finite number, got {self.truncated_reward!r}'
+                )
         if self.baseline == "rloo" and self.num_generations < 2:
             raise ValueError("the rloo baseline needs num_generations >= 2")
 
@@ -215,14 +321,20 @@ def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def group_baseline_advantages(
-    rewards: torch.Tensor, group_size: int, baseline: str = "mean", scale: str = "none", eps: float = 1e-4
+    rewards: torch.Tensor,
+    group_size: int,
+    baseline: str = "mean",
+    scale: str = "none",
+    eps: float = 1e-4,
+    min_std: float = 0.0,
 ) -> torch.Tensor:
     """Group-relative advantages with NaN rewards left out, `[N] -> [N]` (N = groups × group_size).
 
     Â_i = (r_i − mean_j r_j) over the group's valid (non-NaN) entries, times n/(n − 1) for the
     leave-one-out baseline (`rloo`: r_i − mean_{j≠i} r_j), divided by the group's or the batch's
-    std of valid rewards (+ eps) when `scale` says so. NaN entries (truncated samples) get Â = 0 and
-    do not move their group's baseline.
+    std of valid rewards (+ eps) when `scale` says so; with `scale="group"`, groups whose std is
+    below `min_std` get Â = 0 (verl's GRPO, used by the released RLPR trainer, with 1e-6). NaN
+    entries (samples excluded from their group) get Â = 0 and do not move their group's baseline.
     """
     grouped = rewards.view(-1, group_size)
     valid = ~torch.isnan(grouped)
@@ -237,7 +349,7 @@ def group_baseline_advantages(
         raise ValueError(f"baseline must be mean or rloo, got {baseline!r}")
     if scale == "group":
         std = torch.nan_to_num(group_reward_std(rewards, group_size), nan=0.0).unsqueeze(1)
-        centred = centred / (std + eps)
+        centred = torch.where(std < min_std, torch.zeros_like(centred), centred / (std + eps))
     elif scale == "batch":
         finite = rewards[~torch.isnan(rewards)]
         centred = centred / ((finite.std() if finite.numel() > 1 else 0.0) + eps)
@@ -262,7 +374,13 @@ class CoVRLTrainer(RolloutTrainer):
         peft = is_peft_model(self.accelerator.unwrap_model(self.model))
         if cfg.reward == "latro" and ref_model is None and not peft:
             self.ref_model = self.policy_copy()  # under ZeRO-3: a partitioned inference engine
-        self.rlpr_threshold = 0.0
+        self.rlpr_filter = RLPRStdFilter(
+            beta=cfg.rlpr_std_filter_beta,
+            momentum=cfg.rlpr_filter_momentum,
+            ema_start=cfg.rlpr_filter_ema_start,
+            filter_start=cfg.rlpr_filter_start,
+        )
+        self.rlpr_threshold = 0.0  # the last generation's std bound (0: not filtering yet)
         tokenizer = self.processing_class
         self._marker_ids = encode(tokenizer, self.template.answer_prefix)
         self._stop_ids = {tokenizer.eos_token_id, *self.sampling.stop_token_ids} - {None}
@@ -331,15 +449,13 @@ class CoVRLTrainer(RolloutTrainer):
         return [list(group) for group in groups]
 
     # ------------------------------------------------------------------ batch
-    def split_trace(self, rollout: Rollout) -> tuple[list[int], bool]:
-        """(trace ids, marker found): the completion cut before its last answer marker, stop token dropped.
+    def cut(self, rollout: Rollout) -> TraceCut:
+        """The completion cut before its first answer marker (`likelihood.cut_trace`, stop token dropped).
 
-        Without a marker the whole completion (minus the stop token) is the trace; y* is then
-        appended after it with the template's answer prefix all the same.
+        Without a marker the whole completion (minus the stop token) is the trace; what such a
+        completion gets is `missing_answer` (y* is appended after it all the same, for `score`).
         """
-        return split_trace(
-            rollout.completion_ids, self._marker_ids, self._stop_ids, rollout.finish_reason == "stop"
-        )
+        return cut_trace(rollout.completion_ids, self._marker_ids, self._stop_ids, rollout.truncated)
 
     def _well_formed(self, rollout: Rollout) -> bool:
         _, answer = self.template.split_completion(rollout.text)
@@ -369,12 +485,14 @@ class CoVRLTrainer(RolloutTrainer):
         batch.update(self._pad_prompts(prior_prompts, posterior_prompts))
         batch["from_prior"] = torch.tensor([bool(r.extra["from_prior"]) for r in rollouts])
         batch["well_formed"] = torch.tensor([self._well_formed(r) for r in rollouts])
-        traces = [self.split_trace(r) for r in rollouts]
-        trace_lengths = torch.tensor(
-            [len(t) if found else len(r.completion_ids) for (t, found), r in zip(traces, rollouts)]
-        )
+        cuts = [self.cut(r) for r in rollouts]
+        batch["missing_answer"] = torch.tensor([c.missing for c in cuts])
+        # RLPR's and NOVER's format check: one answer marker, a non-empty answer, not truncated
+        batch["format_ok"] = batch["well_formed"] & torch.tensor([c.marker_count == 1 for c in cuts])
+        trace_lengths = torch.tensor([len(c.trace) for c in cuts])
+        policy_lengths = torch.tensor([c.policy_length for c in cuts])
         positions = torch.arange(width).unsqueeze(0)
-        batch["trace_mask"] = (positions < trace_lengths.unsqueeze(1)).long() * batch["completion_mask"]
+        batch["trace_mask"] = (positions < policy_lengths.unsqueeze(1)).long() * batch["completion_mask"]
         batch["policy_mask"] = (
             batch["trace_mask"] if cfg.policy_tokens == "trace" else batch["completion_mask"]
         )
@@ -393,8 +511,8 @@ class CoVRLTrainer(RolloutTrainer):
         # The reference answer after each trace, scored by the old policy under the prior prompt.
         answers = [str(rows[i][cfg.answer_column]) for i in row_of]
         scored = [
-            scoring_ids(self.template, self.processing_class, prompt, trace, answer)
-            for prompt, (trace, _), answer in zip(prior_prompts, traces, answers)
+            answer_layout(self.template, self.processing_class, prompt, cut.trace, answer, cfg.score_eos)
+            for prompt, cut, answer in zip(prior_prompts, cuts, answers)
         ]
         start = time.monotonic()
         answer_logp, answer_mask = self._answer_logprobs(scored)
@@ -405,17 +523,20 @@ class CoVRLTrainer(RolloutTrainer):
         self._metrics["time/answer_scoring"].append(time.monotonic() - start)
         # on every rank's rewards: `batch` scaling and the RLPR threshold use the global batch
         everyone, mine = self.gather_generation(total)
+        std_eps = dict(eps=RLPR_STD_EPS, min_std=RLPR_STD_EPS) if cfg.reward == "rlpr" else {}
         advantages = group_baseline_advantages(
-            everyone, cfg.num_generations, baseline=cfg.baseline, scale=cfg.scale_advantages
+            everyone, cfg.num_generations, baseline=cfg.baseline, scale=cfg.scale_advantages, **std_eps
         )[mine]
         if cfg.reward == "rlpr" and cfg.rlpr_std_filter:
-            keep = rlpr_std_filter(total, cfg.num_generations, self.rlpr_threshold)
-            self.record("rlpr/kept_fraction", keep.float().mean())
-            self.record("rlpr/threshold", self.rlpr_threshold)
-            self.rlpr_threshold = ema_threshold(
-                self.rlpr_threshold, group_reward_std(everyone, cfg.num_generations), cfg.rlpr_filter_momentum
-            )
-            advantages = advantages * keep
+            # the bound of this generation, then this generation's stds (all groups, all ranks) for the next
+            bound = self.rlpr_filter.begin_step()
+            self.rlpr_filter.record(group_reward_std(everyone, cfg.num_generations))
+            self.rlpr_threshold = 0.0 if bound is None else bound
+            if bound is not None:
+                keep = rlpr_std_filter(total, cfg.num_generations, bound)
+                self.record("rlpr/kept_fraction", keep.float().mean())
+                self.record("rlpr/threshold", bound)
+                advantages = advantages * keep
         batch["advantages"] = advantages
         if cfg.answer_nll_coef > 0:
             batch.update(self._answer_tensors(scored))
@@ -473,9 +594,18 @@ class CoVRLTrainer(RolloutTrainer):
         old: tuple[torch.Tensor, torch.Tensor | None] | None,
         batch: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        """The reward `[N]` that trains (NaN = not applicable: truncated samples with `truncated_reward: none`)."""
+        """The reward `[N]` that trains (NaN = not applicable: excluded by `truncated_reward` or `missing_answer`).
+
+        Every likelihood reward gets the same cut (`cut`), the same answer span (`answer_layout`) and
+        the same rules for missing markers and truncation (`flags`).
+        """
         cfg = self.config
-        flags = dict(truncated=truncated, truncated_reward=cfg.truncated_reward)
+        flags = dict(
+            truncated=truncated,
+            truncated_reward=cfg.truncated_reward,
+            missing=batch["missing_answer"],
+            missing_answer=cfg.missing_answer,
+        )
         if cfg.reward == "verifier":
             return self.combine_rewards(table)
         if cfg.reward == "covrl":
@@ -489,24 +619,41 @@ class CoVRLTrainer(RolloutTrainer):
         if cfg.reward == "verifree":
             return verifree_reward(answer_logp, answer_mask, **flags)
         if cfg.reward == "nover":
-            return nover_reward(answer_logp, answer_mask, cfg.num_generations, trace_lengths, **flags)
+            return nover_reward(
+                answer_logp,
+                answer_mask,
+                cfg.num_generations,
+                trace_lengths,
+                format_ok=batch["format_ok"],
+                log_base=cfg.nover_log_base,
+                **flags,
+            )
         if cfg.reward == "rlpr":
             no_trace = None
             if cfg.rlpr_debias:
                 bare = [
-                    scoring_ids(
+                    answer_layout(
                         self.template,
                         self.processing_class,
                         list(row["prompt_ids"]),
                         [],
                         str(row[cfg.answer_column]),
+                        cfg.score_eos,
                     )
                     for row in rows
                 ]
                 logp, mask = self._answer_logprobs(bare)
                 no_trace = mean_token_probability(logp, mask).repeat_interleave(cfg.num_generations)
                 self.record("rlpr/no_trace_probability", no_trace.mean())
-            return rlpr_reward(answer_logp, answer_mask, no_trace, **flags)
+            self.record("rlpr/format", batch["format_ok"].float().mean())
+            return rlpr_reward(
+                answer_logp,
+                answer_mask,
+                no_trace,
+                format_ok=batch["format_ok"],
+                format_coef=cfg.rlpr_format_coef,
+                **flags,
+            )
         # latro: log p(y*|x,z) − β (log q(z|x) − log π₀(z|x)) over the trace tokens
         assert old is not None
         trace_mask = batch["trace_mask"].float()
@@ -527,20 +674,20 @@ class CoVRLTrainer(RolloutTrainer):
         answer_mask: torch.Tensor,
         truncated: torch.Tensor,
     ) -> torch.Tensor:
-        """Per-sample weights of the decoder term −w_i log p(y*|x, z_i) (0 for truncated samples)."""
+        """Per-sample weights of the decoder term −w_i log p(y*|x, z_i) (0 for truncated samples and
+        for samples without a reward, e.g. an excluded missing marker)."""
         cfg = self.config
+        off = truncated | torch.isnan(total)
         if cfg.reward == "verifree":  # ∇E[p(y*|x,z)] = E[p ∇log p]: weight R
             weights = torch.nan_to_num(total, nan=0.0)
         elif cfg.reward == "jepo":  # ∇ log (1/G) Σ_i p_i = Σ_i ρ̃_i ∇ log p_i, ρ̃ the group softmax
             log_likelihood = masked_sum(answer_logp, answer_mask, dim=-1)
-            log_likelihood = torch.where(
-                truncated, torch.full_like(log_likelihood, -math.inf), log_likelihood
-            )
+            log_likelihood = torch.where(off, torch.full_like(log_likelihood, -math.inf), log_likelihood)
             grouped = log_likelihood.view(-1, cfg.num_generations)
-            weights = (normalized_weights(grouped) * cfg.num_generations).reshape(-1)
+            weights = torch.nan_to_num(normalized_weights(grouped) * cfg.num_generations, nan=0.0).reshape(-1)
         else:  # the ELBO's decoder gradient E[∇ log p(y*|x,z)]
             weights = torch.ones_like(total)
-        return torch.where(truncated, torch.zeros_like(weights), weights)
+        return torch.where(off, torch.zeros_like(weights), weights)
 
     def _answer_tensors(self, scored: list) -> dict[str, torch.Tensor]:
         """Right-padded prompt + trace + y* sequences with a mask of the answer tokens (decoder term)."""
@@ -573,6 +720,7 @@ class CoVRLTrainer(RolloutTrainer):
         if (~truncated).any():
             self.record("answer_logprob", log_likelihood[~truncated].mean())
         self.record("well_formed", batch["well_formed"].float().mean())
+        self.record("missing_answer", batch["missing_answer"].float().mean())
         for source, rows in (("prior", batch["from_prior"]), ("posterior", ~batch["from_prior"])):
             if not rows.any():
                 continue
@@ -746,12 +894,9 @@ class CoVRLTrainer(RolloutTrainer):
         terms = self.loss_terms(model, batch)
         mask = terms["policy_mask"]
         per_token = terms["surrogate"] + cfg.kl_coef * terms["kl"]
-        if cfg.loss_type == "sum":
-            policy = (per_token * mask).sum() / per_token.shape[0]
-        else:
-            policy = aggregate_loss(
-                per_token, mask, cfg.loss_type, max_completion_length=self.sampling.max_tokens
-            )
+        policy = aggregate_loss(
+            per_token, mask, AGGREGATION[cfg.loss_type], max_completion_length=self.sampling.max_tokens
+        )
         total = policy + cfg.nll_coef * terms["nll"] + cfg.answer_nll_coef * terms["answer_nll"]
         self._record_loss(batch, terms)
         accumulation = getattr(
@@ -788,7 +933,9 @@ class CoVRLTrainer(RolloutTrainer):
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_extra_state(self) -> dict[str, Any]:
-        return {"rlpr_threshold": self.rlpr_threshold}
+        return {"rlpr_threshold": self.rlpr_threshold, "rlpr_filter": self.rlpr_filter.state_dict()}
 
     def load_trainer_extra_state(self, state: dict[str, Any]) -> None:
         self.rlpr_threshold = float(state.get("rlpr_threshold", 0.0))
+        if "rlpr_filter" in state:
+            self.rlpr_filter.load_state_dict(state["rlpr_filter"])

@@ -7,7 +7,7 @@ trajectory is the trace (the tokens before the template's answer marker) and ⊤
 first token, as in Hu et al. where the answer is appended by the reward. The policy's log P_F is
 always computed at temperature 1, whatever the behaviour policy's sampling temperature.
 
-Losses (from `reasoning.objectives.gflownet`, mean over the micro-batch):
+Losses (from `reasoning.objectives.gflownet`, mean over the micro-batch's rows):
 - `tb`: (log Z(x) + Σ_t log P_F(s_{t+1}|s_t) − log R(x⊤)/T_R)², log Z a learned scalar or a small
   MLP on the prompt's last hidden state (`log_z: prompt`), in its own optimizer group (`log_z_lr`).
 - `subtb` / `db`: SubTB(λ) / mean DB with log F(s_k) from a small MLP head on the (detached)
@@ -15,6 +15,12 @@ Losses (from `reasoning.objectives.gflownet`, mean over the micro-batch):
 - `modified_subtb` (Hu et al.): every prefix is terminable, F(s_k) = R(s_k⊤)/P_F(⊤|s_k): no flow
   head and no log Z; needs the log-reward of every prefix, log R(s_k⊤) (`prefix_reward_stride` > 1
   computes it every few tokens and interpolates linearly in between, as LaCoT does).
+SubTB and modified SubTB weigh their pairs by λ^{j−i−1}, normalised (`subtb_normalization`) per
+sequence (`sequence`, torchgfn's geometric_within; the default for `subtb`) or over each prompt's
+samples (`gfn-lm-tuning`, Hu et al.'s code, where one batch is one prompt's samples; the default for
+`modified_subtb`): the divisor is the mean pair weight of the prompt's group, computed when the
+generation batch is built, so the mean over a group's rows is the reference's batch loss whichever
+micro-batches the rows land in.
 
 Rewards, untempered log R, then divided by the reward temperature T_R (annealed from
 `reward_temperature_start` to `reward_temperature_end` linearly or by a cosine):
@@ -64,9 +70,11 @@ from reasoning.data.templates import encode, scoring_ids
 from reasoning.eval.scaling import distinct_correct, find_first, pairwise_diversity
 from reasoning.models.scoring import final_states, span_token_logprobs, states_token_logprobs
 from reasoning.objectives.gflownet import (
+    NORMALIZATIONS,
     detailed_balance,
     modified_subtrajectory_balance,
     set_terminal_log_flow,
+    subtb_log_normalizer,
     subtrajectory_balance,
     trajectory_balance,
 )
@@ -102,6 +110,14 @@ class GFlowNetConfig(RolloutTrainerConfig):
         default=64, metadata={"help": "Hidden width of the log Z and flow MLP heads."}
     )
     subtb_lambda: float = field(default=1.0, metadata={"help": "λ of SubTB(λ) and modified SubTB (λ ≥ 0)."})
+    subtb_normalization: str | None = field(
+        default=None,
+        metadata={
+            "help": "SubTB pair weights normalised per sequence (sequence: torchgfn's geometric_within) or "
+            "over each prompt's samples (gfn-lm-tuning: Hu et al.'s code, each sequence weighs by its pairs). "
+            "Default: gfn-lm-tuning for modified_subtb, sequence for subtb."
+        },
+    )
     terminal: str = field(
         default="eos",
         metadata={
@@ -186,6 +202,11 @@ class GFlowNetConfig(RolloutTrainerConfig):
                 raise ValueError(f"{name} {getattr(self, name)!r} is not one of {', '.join(valid)}")
         if self.subtb_lambda < 0:
             raise ValueError(f"subtb_lambda must be >= 0, got {self.subtb_lambda}")
+        if self.subtb_normalization is not None and self.subtb_normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"subtb_normalization {self.subtb_normalization!r} is not one of {', '.join(NORMALIZATIONS)} "
+                "(or null: each loss's reference)"
+            )
         if not 0 < self.reward_floor <= 1:
             raise ValueError(f"reward_floor must be in (0, 1], got {self.reward_floor}")
         if self.reward_temperature_start <= 0 or (self.reward_temperature_end or 1.0) <= 0:
@@ -203,6 +224,12 @@ class GFlowNetConfig(RolloutTrainerConfig):
             )
         if self.replay_capacity < 1:
             raise ValueError(f"replay_capacity must be >= 1, got {self.replay_capacity}")
+
+    def resolved_subtb_normalization(self) -> str:
+        """`subtb_normalization`, or each loss's reference: gfn-lm-tuning (modified_subtb), sequence (subtb)."""
+        if self.subtb_normalization is not None:
+            return self.subtb_normalization
+        return "gfn-lm-tuning" if self.loss == "modified_subtb" else "sequence"
 
 
 def reward_temperature_at(
@@ -800,6 +827,14 @@ class GFlowNetTrainer(RolloutTrainer):
         groups_index = torch.arange(len(groups)).repeat_interleave(torch.tensor([len(g) for g in groups]))
         batch["group"] = groups_index + self._group_offset
         self._group_offset += len(groups)
+        if cfg.loss in ("subtb", "modified_subtb"):
+            # the divisor of each row's pair sum, over the whole group (micro-batches split groups)
+            batch["subtb_log_norm"] = subtb_log_normalizer(
+                batch["trace_mask"] if per_prefix else batch["tb_mask"],
+                cfg.subtb_lambda,
+                cfg.resolved_subtb_normalization(),
+                groups_index,
+            )
         # metrics and the replay buffer (fresh completions only)
         correct = [is_correct(r.text, row) for r, row in zip(rollouts, flat_rows)]
         for i in fresh:
@@ -866,14 +901,21 @@ class GFlowNetTrainer(RolloutTrainer):
         elif cfg.loss in ("subtb", "db"):
             flow = set_terminal_log_flow(self.heads["flow"](hidden.detach()), tb_mask, log_reward)
             if cfg.loss == "subtb":
-                per_sequence = subtrajectory_balance(flow, log_pf, tb_mask, cfg.subtb_lambda)
+                per_sequence = subtrajectory_balance(
+                    flow, log_pf, tb_mask, cfg.subtb_lambda, log_normalizer=batch["subtb_log_norm"]
+                )
             else:
                 per_sequence = detailed_balance(flow, log_pf, tb_mask).sum(-1) / tb_mask.sum(-1).clamp(min=1)
             self.record("gfn/log_z", flow[:, 0].detach().mean())
         else:
             prefix = batch["prefix_log_reward"].to(device)
             per_sequence = modified_subtrajectory_balance(
-                log_pf, log_terminal, batch["trace_mask"].to(device), prefix, cfg.subtb_lambda
+                log_pf,
+                log_terminal,
+                batch["trace_mask"].to(device),
+                prefix,
+                cfg.subtb_lambda,
+                log_normalizer=batch["subtb_log_norm"],
             )
             # the implied log Z: log F(s_0) = log R(s_0⊤) − log P_F(⊤|s_0)
             self.record("gfn/log_z", (prefix[:, 0] - log_terminal[:, 0]).detach().mean())

@@ -4,8 +4,9 @@ For every micro-batch of sequences x:
 
 1. Fast loop (inference): fresh local parameters (μ, log σ²) per sequence, μ = 0 and
    log σ² ≈ −5 at the start, one ε ~ N(0, I) for the whole loop; T_fast AdamW steps on the
-   per-sequence NELBO(x) = −log p_β(x | μ + σε) + KL(N(μ, σ²) ‖ N(0, I)) with a cosine-decayed step
-   size. Gradients are taken with `torch.autograd.grad` with respect to (μ, log σ²) only: the
+   per-sequence NELBO(x) = −log p_β(x | μ + σε) + KL(N(μ, σ²) ‖ N(0, I)) with the reference code's
+   cosine-decayed step size (`cosine_step_size`: fast_lr at the first step, fast_lr_min one step
+   after the last). Gradients are taken with `torch.autograd.grad` with respect to (μ, log σ²) only: the
    decoder's `.grad` is neither written nor accumulated, no parameter hook fires, so under data
    parallel the loop triggers no gradient all-reduce (it also runs on the unwrapped module, under
    `no_sync` when the model is wrapped in DDP).
@@ -14,8 +15,9 @@ For every micro-batch of sequences x:
    accumulation and data parallel are exact. The decoder's optimiser, schedule and clipping are
    the `TrainingArguments` ones (the paper: AdamW lr 4e-4, betas (0.9, 0.95), wd 0.1, clip 1.0).
 
-Inference helpers: `fit_posterior` (the fast loop on any batch), `elbo_perplexity` (an upper bound
-on perplexity, exp(Σ NELBO / Σ tokens)), `generate_with_inference` (fit q(z|prompt) from several
+Inference helpers: `fit_posterior` (the fast loop on any batch), `elbo_perplexity` (upper bounds on
+perplexity: exp(Σ NELBO / Σ tokens), and the reference code's mean over sequences of
+exp(NELBO(x) / N_x)), `generate_with_inference` (fit q(z|prompt) from several
 random initialisations and decode each: pass@k over z). The mathematics is in `objectives/latent.py`;
 few-shot evaluation is in `reasoning/eval/latent_thought.py`.
 
@@ -43,6 +45,7 @@ from reasoning.data.templates import PlainTemplate
 from reasoning.objectives.latent import (
     gaussian_kl_standard_normal,
     nelbo,
+    perplexity_sequence_mean,
     perplexity_upper_bound,
     reconstruction_nll,
     reparameterize,
@@ -62,7 +65,11 @@ class DualRateConfig:
     )
     fast_lr: float = field(default=0.3, metadata={"help": "Fast-loop step size at its first step."})
     fast_lr_min: float = field(
-        default=0.03, metadata={"help": "Fast-loop step size at its last step (cosine decay from fast_lr)."}
+        default=0.03,
+        metadata={
+            "help": "Floor of the fast loop's cosine decay from fast_lr, reached one step after the last "
+            "(the reference code's schedule, lr/10 there)."
+        },
     )
     fast_beta1: float = field(default=0.9, metadata={"help": "Fast-loop AdamW β₁."})
     fast_beta2: float = field(default=0.999, metadata={"help": "Fast-loop AdamW β₂."})
@@ -152,10 +159,15 @@ class DualRateConfig:
 
 
 def cosine_step_size(step: int, steps: int, lr: float, lr_min: float) -> float:
-    """lr_min + ½(lr − lr_min)(1 + cos(π t/(T − 1))) at step t = 0 … T − 1: lr first, lr_min last."""
-    if steps <= 1:
-        return lr
-    return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * step / (steps - 1)))
+    """lr_min + ½(lr − lr_min)(1 + cos(π t/T)) at step t of a T-step loop, lr_min from t = T on.
+
+    The schedule of the latent thought models' reference code (`PosteriorOptimizer.get_fast_lr`):
+    lr at the first step t = 0, and lr_min is reached one step *after* the last, t = T, so the last
+    step still moves with lr_min + ½(lr − lr_min)(1 − cos(π/T)) > lr_min.
+    """
+    if step >= steps:
+        return lr_min
+    return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * step / steps))
 
 
 def scored_token_mask(
@@ -276,8 +288,17 @@ def fit_posterior(
 
 @dataclass
 class ElboPerplexity:
-    """ELBO evaluation of a corpus. `perplexity_upper_bound` = exp(nelbo_per_token) bounds the
-    perplexity exp(−Σ log p(x) / Σ N) from above (in expectation over ε); it is not the perplexity."""
+    """ELBO evaluation of a corpus, perplexity in two conventions (neither is the perplexity itself):
+
+    - `perplexity_upper_bound` = exp(Σ_x NELBO(x) / Σ_x N_x) = exp(nelbo_per_token), the corpus
+      convention: it bounds exp(−Σ log p(x) / Σ N) from above (in expectation over ε);
+    - `perplexity_sequence_mean` = mean_x exp(NELBO(x) / N_x), the latent thought models' reference
+      code (`elbo` in eval mode: exp(NELBO_b / length) per sequence, averaged over the batch, then
+      over batches): each term bounds that sequence's own perplexity; the mean weighs every sequence
+      alike and, by convexity, is at least exp(mean_x NELBO(x)/N_x) (the corpus figure when every
+      N_x is the same, as in the reference's fixed-length chunks), so the two are not
+      interchangeable in a table.
+    """
 
     perplexity_upper_bound: float
     nelbo_per_token: float
@@ -285,6 +306,7 @@ class ElboPerplexity:
     kl_per_token: float
     num_tokens: int
     num_sequences: int
+    perplexity_sequence_mean: float = float("nan")
 
 
 def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,8 +331,9 @@ def elbo_perplexity(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
 ) -> ElboPerplexity:
-    """Upper bound on perplexity from the ELBO: fit q(z|x) to every sequence, then
-    exp(Σ_x NELBO(x) / Σ_x N_x) ≥ exp(−Σ_x log p_β(x) / Σ_x N_x) (in expectation over ε).
+    """Upper bounds on perplexity from the ELBO: fit q(z|x) to every sequence, then
+    exp(Σ_x NELBO(x) / Σ_x N_x) ≥ exp(−Σ_x log p_β(x) / Σ_x N_x) (in expectation over ε), and the
+    reference code's convention mean_x exp(NELBO(x) / N_x) (`ElboPerplexity`).
 
     `data` is `input_ids [N, T]` (with `attention_mask`), a `datasets.Dataset` with an `input_ids`
     column, or an iterable of id lists or of rows with `input_ids`. N_x counts the scored tokens
@@ -334,6 +357,7 @@ def elbo_perplexity(
         rows = [r["input_ids"] if isinstance(r, dict) else r for r in data]
         batches = [pad_right(rows[i : i + batch_size], pad_token_id) for i in range(0, len(rows), batch_size)]
     totals = {"nll": 0.0, "kl": 0.0, "tokens": 0, "sequences": 0}
+    per_sequence: list[torch.Tensor] = []  # NELBO(x) / N_x
     for ids, mask in batches:
         ids, mask = ids.to(device), mask.to(device)
         noise = torch.randn((ids.shape[0], *_latent_shape(model)), generator=generator, device=device)
@@ -341,8 +365,11 @@ def elbo_perplexity(
         with torch.no_grad():
             logp = sequence_logprobs(model, ids, mask, reparameterize(fit.mu, fit.logvar, noise))
             scored = scored_token_mask(ids, mask)
-            totals["nll"] += float(reconstruction_nll(logp, scored).sum())
-            totals["kl"] += float(gaussian_kl_standard_normal(fit.mu, fit.logvar).sum())
+            nll = reconstruction_nll(logp, scored).double()
+            kl = gaussian_kl_standard_normal(fit.mu, fit.logvar).double()
+            per_sequence.append((nll + kl) / scored.sum(-1).clamp(min=1))
+            totals["nll"] += float(nll.sum())
+            totals["kl"] += float(kl.sum())
             totals["tokens"] += int(scored.sum())
             totals["sequences"] += ids.shape[0]
     tokens = max(totals["tokens"], 1)
@@ -354,6 +381,7 @@ def elbo_perplexity(
         kl_per_token=totals["kl"] / tokens,
         num_tokens=totals["tokens"],
         num_sequences=totals["sequences"],
+        perplexity_sequence_mean=perplexity_sequence_mean(torch.cat(per_sequence)) if per_sequence else 1.0,
     )
 
 

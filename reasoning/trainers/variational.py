@@ -22,6 +22,12 @@ on rerun, an interrupted SFT stage resumes from its last checkpoint):
                the argmax trace per question mixed with the original data.
 
 Every dataset is saved with `Dataset.save_to_disk` under the run directory.
+
+One process. The sampling, scoring and weighting stages are not sharded and every stage writes its
+folder without a rank guard, so the pipeline refuses a multi-process launch and DeepSpeed
+(`single_process_problem`): launch it with `reasoning train` or `accelerate launch --config_file
+recipes/accelerate/single_gpu.yaml`. To train its SFT stages on many GPUs, run them as `trainer:
+sft` recipes and pass their models as `prior_path` / `posterior_path`.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +63,39 @@ from reasoning.rollout import Sampling
 from reasoning.trainers.sft import SFTConfig, make_sft_trainer
 
 ESTIMATORS = ("acc", "gml", "l")
+
+
+def single_process_problem(training: Mapping[str, Any], env: Mapping[str, str] | None = None) -> str | None:
+    """Why this launch cannot run the pipeline (None when it can): it must be one process, without DeepSpeed.
+
+    Several processes (WORLD_SIZE > 1, set by torchrun and `accelerate launch`) would each run the
+    unsharded stages whole and write the same stage folders. DeepSpeed (`training.deepspeed`, or
+    `accelerate launch` with a DeepSpeed config: ACCELERATE_USE_DEEPSPEED) would make the stages'
+    own `from_pretrained` loads ZeRO-3 partitioned while a DeepSpeed TrainingArguments is alive
+    (transformers' `is_deepspeed_zero3_enabled`), which scoring and sampling cannot use.
+    """
+    env = os.environ if env is None else env
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = max(world, torch.distributed.get_world_size())
+    fix = (
+        "launch it as one process: `reasoning train RECIPE.yaml` or `accelerate launch --config_file "
+        "recipes/accelerate/single_gpu.yaml -m reasoning train RECIPE.yaml`. To train its SFT stages on several "
+        "GPUs, run them as `trainer: sft` recipes and pass the models as variational.prior_path / posterior_path"
+    )
+    if world > 1:
+        return (
+            f"the variational pipeline runs in one process, and this launch starts {world} (WORLD_SIZE): its "
+            "sampling, scoring and weighting stages are not sharded, so every process would run them whole and "
+            f"write the same stage folders; {fix}"
+        )
+    if training.get("deepspeed") or env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("true", "1", "yes"):
+        source = "training.deepspeed" if training.get("deepspeed") else "the accelerate config (ACCELERATE_USE_DEEPSPEED)"
+        return (
+            f"the variational pipeline does not run under DeepSpeed ({source}): its stages load models with "
+            f"from_pretrained, which DeepSpeed ZeRO-3 would load partitioned; {fix} (and no training.deepspeed)"
+        )
+    return None
 FINAL_DATA = ("weighted", "argmax")
 POSTERIOR_TRAINING = ("sft", "forward_kl", "reverse_kl")
 
@@ -632,6 +671,9 @@ class VariationalReasoningPipeline:
         """
         from transformers import AutoTokenizer
 
+        problem = single_process_problem(self.training)
+        if problem is not None:  # before any stage folder is written
+            raise RuntimeError(problem)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

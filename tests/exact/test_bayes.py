@@ -292,9 +292,11 @@ def test_pseudo_reward_gradient_equals_the_exact_divergence_gradient(divergence,
 def test_pseudo_reward_values_by_hand():
     log_base, log_p = tilted_target()
     log_pi = seq_logp(random_logits(6))
-    # on-policy reverse KL is the KL-regularised RL reward r/β − log(π/a)
+    # on-policy reverse KL is the KL-regularised RL reward r/β − log(π/a), minus disco's constant
+    # log Z + 1 (−f′(π/p) = −log(π/p) − 1)
     kl_rl = rewards_of(SEQUENCES) / BETA - (log_pi - log_base)
-    assert torch.allclose(rkl_pseudo_reward(log_p, 0.0, log_pi, log_pi), kl_rl)
+    assert torch.allclose(rkl_pseudo_reward(log_p, 0.0, log_pi, log_pi), kl_rl - 1.0)
+    assert torch.allclose(rkl_pseudo_reward(log_p, 2.5, log_pi, log_pi), kl_rl - 3.5)
     # DPG weight p/q; at π = p JS and TV rewards vanish (f′(1) = 0)
     log_z = torch.logsumexp(log_p, 0)
     log_q = seq_logp(random_logits(7))

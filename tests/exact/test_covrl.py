@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from toy import SEQUENCES, VOCAB, prefix_index, random_logits, sample, token_logprobs
+from toy import NUM_PREFIXES, SEQUENCES, VOCAB, prefix_index, random_logits, sample, token_logprobs
 
 from reasoning.objectives.covrl import (
     behaviour_logprobs,
@@ -308,3 +308,102 @@ def test_selective_nll_by_hand():
     mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
     assert selective_nll(logp, mask, selected, coef=1.0) == pytest.approx(2.0 / 4)
     assert selective_nll(logp, mask, selected) == pytest.approx(0.1 * 2.0 / 4)
+
+
+# ---------------------------------------------------------------------- VeriFree / LaTRO reduction
+ANSWER = torch.tensor([1, 0])  # y*, two tokens
+MARKER = 2  # the answer marker: a trace ends at its first 2; a sequence without one is truncated
+
+
+def toy_traces():
+    """Cut every toy sequence with the trainer's cutter: policy mask [27, 3], truncated [27], trace codes."""
+    from reasoning.rewards.likelihood import cut_trace
+
+    cuts = [
+        cut_trace(seq.tolist(), [MARKER], set(), truncated=MARKER not in seq.tolist()) for seq in SEQUENCES
+    ]
+    policy = torch.tensor([[t < c.policy_length for t in range(SEQUENCES.shape[1])] for c in cuts]).float()
+    trace_only = torch.tensor([[t < len(c.trace) for t in range(SEQUENCES.shape[1])] for c in cuts]).float()
+    truncated = torch.tensor([c.truncated for c in cuts])
+    # the decoder conditions on the trace: its index in the prefix table (same layout as toy.prefix_index);
+    # truncated sequences have no trace to score (their reward is fixed), any index will do
+    codes = torch.tensor(
+        [0 if c.truncated else prefix_index(torch.tensor([c.trace + [0]]))[0, -1].item() for c in cuts]
+    )
+    return policy, trace_only, truncated, codes
+
+
+def decoder_logprobs(decoder, codes):
+    """log p(y*_t | x, z) [27, 2] from a per-trace logits table `decoder` [num_prefixes, 2, VOCAB]."""
+    return torch.log_softmax(decoder[codes], dim=-1).gather(-1, ANSWER.expand(len(codes), 2).unsqueeze(-1))[
+        ..., 0
+    ]
+
+
+def expected_loss(policy_logits, decoder, codes, reduction, policy_mask, reward, answer_coef, baseline=0.0):
+    """E_z[trainer loss] by enumeration: the batch reduction applied to rows weighted by B·π(z)."""
+    from reasoning.objectives.policy import aggregate_loss, clipped_surrogate
+    from reasoning.rewards.likelihood import verifree_answer_nll
+
+    lp = token_logprobs(policy_logits, SEQUENCES)
+    # B · π(sequence): every sampled sequence is a row; the reductions are linear in rows
+    weight = N_SEQ * lp.sum(-1).exp().detach()
+    advantage = reward - baseline
+    per_token, _ = clipped_surrogate(lp, lp.detach(), advantage, eps_low=0.3, mask=policy_mask)
+    loss = aggregate_loss(per_token * weight.unsqueeze(1), policy_mask, reduction)
+    answer = decoder_logprobs(decoder, codes)
+    return loss + answer_coef * verifree_answer_nll(answer, torch.ones_like(answer), reward * weight)
+
+
+@pytest.mark.parametrize("method", ["verifree", "latro"])
+def test_sum_reduction_gives_the_exact_gradient_of_the_objective(method):
+    """VeriFree: ∇E_z[p(y*|x,z)] = E[p ∇log π(z)] + E[p ∇log p(y*|x,z)], z = trace + marker; LaTRO: ∇E[R] =
+    E[R ∇log π(z)]. The trainer's default reduction for these methods (sum over the trace, then mean)
+    makes the expected loss gradient −∇ of the objective exactly; the per-token mean does not, nor does
+    a policy term that leaves out the answer marker."""
+    from reasoning.rewards.likelihood import latro_reward, verifree_reward
+    from reasoning.trainers.covrl import AGGREGATION, CoVRLConfig
+
+    config = CoVRLConfig(reward=method)
+    assert config.loss_type == "sum" and config.baseline == "rloo"
+    policy_mask, trace_only, truncated, codes = toy_traces()
+    assert truncated.sum() == 8 and (policy_mask.sum(-1) > trace_only.sum(-1))[~truncated].all()
+    policy_logits = random_logits(40).requires_grad_(True)
+    decoder = torch.randn(NUM_PREFIXES, 2, VOCAB, generator=torch.Generator().manual_seed(41))
+    decoder.requires_grad_(True)
+    answer = decoder_logprobs(decoder, codes)
+    ones = torch.ones_like(answer)
+    lp = token_logprobs(policy_logits, SEQUENCES)
+    log_pi = (lp * policy_mask).sum(-1)  # log π(trace + marker), or of the whole truncated sequence
+    sequence_probs = lp.sum(-1).exp()  # the objective is an expectation over sampled sequences
+    if method == "verifree":  # R = p(y*|x,z) from the old policy; truncated (and markerless): 0, kept
+        reward = verifree_reward(answer.detach(), ones, truncated=truncated, missing=truncated)
+        objective = (sequence_probs * torch.where(truncated, 0.0, answer.sum(-1).exp())).sum()
+        answer_coef = config.answer_nll_coef
+    else:  # LaTRO: log p(y*|x,z) − β log(π/π₀), the reference π₀ frozen; truncated samples excluded (Â = 0)
+        reference = (token_logprobs(random_logits(42), SEQUENCES) * policy_mask).sum(-1)
+        reward = latro_reward(answer.detach(), ones, log_pi.detach(), reference, 0.05, truncated=truncated)
+        objective = (sequence_probs * torch.nan_to_num(reward, nan=0.0)).sum()
+        answer_coef = config.answer_nll_coef  # 0: the released trainer's sft_penalty
+        reward = torch.nan_to_num(reward, nan=0.0)
+    params = (policy_logits, decoder) if answer_coef else (policy_logits,)
+    want = torch.autograd.grad(objective, params)
+    reduction = AGGREGATION[config.loss_type]
+    for baseline in (0.0, 0.3):  # a constant baseline leaves the expectation unchanged
+        if method == "latro" and baseline:
+            break  # excluded samples (Â = 0) do not take the baseline: the identity holds without one
+        loss = expected_loss(
+            policy_logits, decoder, codes, reduction, policy_mask, reward, answer_coef, baseline
+        )
+        got = torch.autograd.grad(loss, params)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, -w, atol=1e-6, rtol=1e-5)
+            assert w.abs().max() > 5e-3
+    # the per-token mean (the old default, `loss_type: grpo`) weakens the REINFORCE term by 1/|z|
+    loss = expected_loss(policy_logits, decoder, codes, "grpo", policy_mask, reward, answer_coef)
+    (got,) = torch.autograd.grad(loss, policy_logits)
+    assert (got + want[0]).abs().max() > 0.2 * want[0].abs().max()
+    # leaving the marker out of the policy term breaks it too
+    loss = expected_loss(policy_logits, decoder, codes, reduction, trace_only, reward, answer_coef)
+    (got,) = torch.autograd.grad(loss, policy_logits)
+    assert (got + want[0]).abs().max() > 0.2 * want[0].abs().max()

@@ -18,6 +18,7 @@ from reasoning.objectives.gflownet import (
     mask_after_eos,
     modified_subtrajectory_balance,
     set_terminal_log_flow,
+    subtb_log_normalizer,
     subtrajectory_balance,
     trajectory_balance,
 )
@@ -96,9 +97,10 @@ def naive_subtb(log_flow, log_pf, mask, lam):
     return torch.stack(losses)
 
 
-def naive_modified_subtb(log_pf, log_terminal, mask, log_reward, lam):
-    """Hu et al.'s form: δ_k, then Σ_{i<j} λ^{j−i−1}(Σ_{k=i}^{j−1} δ_k)² / Σ λ^{j−i−1}."""
-    losses = []
+def naive_modified_subtb(log_pf, log_terminal, mask, log_reward, lam, normalization="sequence"):
+    """Hu et al.'s form: δ_k, then Σ_{i<j} λ^{j−i−1}(Σ_{k=i}^{j−1} δ_k)², divided by the row's own
+    Σ λ^{j−i−1} (`sequence`) or by the mean of that sum over the rows (`gfn-lm-tuning`)."""
+    losses, norms = [], []
     for b in range(log_pf.shape[0]):
         n = int(mask[b].sum())
         delta = [
@@ -114,8 +116,11 @@ def naive_modified_subtb(log_pf, log_terminal, mask, log_reward, lam):
             for j in range(i + 1, n + 1):
                 total = total + lam ** (j - i - 1) * sum(delta[i:j]) ** 2
                 norm += lam ** (j - i - 1)
-        losses.append(total / norm if norm else total)
-    return torch.stack(losses)
+        losses.append(total)
+        norms.append(norm)
+    if normalization == "gfn-lm-tuning":
+        norms = [sum(norms) / len(norms)] * len(norms)
+    return torch.stack([total / norm if norm else total for total, norm in zip(losses, norms)])
 
 
 def naive_db(log_flow, log_pf, mask, step=None):
@@ -249,12 +254,13 @@ def test_subtb_matches_naive_double_loop(lam):
         assert a.abs().max() > 0
 
 
+@pytest.mark.parametrize("normalization", ["sequence", "gfn-lm-tuning"])
 @pytest.mark.parametrize("lam", [0.0, 0.3, 1.0, 2.5])
-def test_modified_subtb_matches_hu_et_al_double_loop(lam):
+def test_modified_subtb_matches_hu_et_al_double_loop(lam, normalization):
     mask, log_pf, _, log_terminal, log_reward, _ = random_batch(3)
     leaves = [log_pf, log_terminal, log_reward]
-    ours = modified_subtrajectory_balance(log_pf, log_terminal, mask, log_reward, lam)
-    naive = naive_modified_subtb(log_pf, log_terminal, mask, log_reward, lam)
+    ours = modified_subtrajectory_balance(log_pf, log_terminal, mask, log_reward, lam, normalization)
+    naive = naive_modified_subtb(log_pf, log_terminal, mask, log_reward, lam, normalization)
     assert torch.allclose(ours, naive, atol=1e-10)
     for a, b in zip(grads(ours, leaves), grads(naive, leaves)):
         assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-6)
@@ -289,6 +295,33 @@ def test_tb_db_fldb_match_naive_loops_on_the_eos_toy():
         for a, b in zip(grads(ours, leaves), grads(naive, leaves)):
             assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-6)
     assert (db * (1 - FULL_MASK)).abs().max() == 0 and db.max() > 0
+
+
+def test_normalizations_share_the_pair_terms_and_differ_only_in_the_divisor():
+    mask, log_pf, log_flow, *_ = random_batch(5, batch=9, length=6)
+    n = mask.sum(-1)
+    per_row = subtb_log_normalizer(mask, 0.7, "sequence")
+    # W_b = Σ_{0≤i<j≤n} λ^{j−i−1} = Σ_{ℓ=1..n} (n − ℓ + 1) λ^{ℓ−1}, in closed form
+    closed = torch.tensor([sum((k - ell + 1) * 0.7 ** (ell - 1) for ell in range(1, int(k) + 1)) for k in n])
+    assert torch.allclose(per_row.exp(), closed.double(), atol=1e-12)
+    assert torch.isneginf(per_row[n == 0]).all()
+    batch_norm = subtb_log_normalizer(mask, 0.7, "gfn-lm-tuning")
+    assert torch.allclose(batch_norm.exp(), closed.double().mean().expand(9), atol=1e-12)
+    by_sequence = subtrajectory_balance(log_flow, log_pf, mask, 0.7)
+    by_batch = subtrajectory_balance(log_flow, log_pf, mask, 0.7, normalization="gfn-lm-tuning")
+    assert torch.allclose(by_batch * closed.double().mean(), by_sequence * closed.double(), atol=1e-10)
+    # groups: each group is normalised by its own mean weight; a group without any pair gives zeros
+    group = torch.tensor([5, 5, 5, 9, 9, 9, 2, 2, 2])
+    grouped = subtb_log_normalizer(mask, 0.7, "gfn-lm-tuning", group)
+    for g in (5, 9, 2):
+        rows = group == g
+        assert torch.allclose(grouped[rows].exp(), closed.double()[rows].mean().expand(3), atol=1e-12)
+    empty = subtrajectory_balance(
+        log_flow[:2], log_pf[:2], torch.zeros_like(mask[:2]), 0.7, normalization="gfn-lm-tuning"
+    )
+    assert empty.tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="normalization"):
+        subtb_log_normalizer(mask, 0.7, "batch")
 
 
 def test_lam_per_row_and_empty_rows():
@@ -349,14 +382,17 @@ def test_minimising_tb_learns_the_reward_distribution_and_log_z():
     assert log_z.item() == pytest.approx(torch.logsumexp(log_reward, 0).item(), abs=0.02)
 
 
-def test_minimising_modified_subtb_learns_the_reward_distribution_without_log_z():
+@pytest.mark.parametrize("normalization", ["gfn-lm-tuning", "sequence"])
+def test_minimising_modified_subtb_learns_the_reward_distribution_without_log_z(normalization):
     log_reward = 1.5 * rewards(9)
     prefix_reward = log_reward[STATES[:, : MAX_TRACE + 1]]
     logits = torch.zeros(N, TOKENS + 1, dtype=torch.float64, requires_grad=True)
     optimiser = torch.optim.Adam([logits], lr=0.1)
     for _ in range(200):
         log_pf, log_terminal = rollout_terms(logits)
-        loss = modified_subtrajectory_balance(log_pf[:, :MAX_TRACE], log_terminal, TRACE_MASK, prefix_reward)
+        loss = modified_subtrajectory_balance(
+            log_pf[:, :MAX_TRACE], log_terminal, TRACE_MASK, prefix_reward, normalization=normalization
+        )
         optimiser.zero_grad()
         loss.mean().backward()
         optimiser.step()

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from reasoning.data.datasets import load_records
-from reasoning.objectives.bayes import estimate_log_z
+from reasoning.objectives.bayes import estimate_log_z, f_pseudo_reward
 from reasoning.rewards.verifier import correctness
 from reasoning.rollout import Sampling
 from reasoning.rollout.hf import HFEngine
@@ -201,6 +201,7 @@ def test_offline_proposal_updates_and_state_survives_checkpoint(trained_tiny_dir
     restored.restore_checkpoint_state(checkpoint)  # what train(resume_from_checkpoint=...) calls
     assert restored.log_z_state == trainer.log_z_state and len(restored.log_z_state) == 4
     assert restored.baseline_value == trainer.baseline_value is not None
+    assert restored.baseline_window_values == trainer.baseline_window_values != []
     assert restored.proposal_updates == 2 and restored._proposal_dirty
     assert all(
         torch.equal(a, b)
@@ -224,6 +225,57 @@ def test_offline_proposal_updates_and_state_survives_checkpoint(trained_tiny_dir
         closer = entry["bayes/update_metric_policy"] < entry["bayes/update_metric_proposal"]
         assert entry["bayes/proposal_updated"] == float(closer)
     assert adaptive.proposal_updates == sum(e["bayes/proposal_updated"] for e in checks)
+
+
+def test_offline_moving_average_baseline_matches_disco(trained_tiny_dir, tmp_path):
+    """q ≠ π (the policy perturbed after the snapshot): the window of −f′(π/p) over earlier generations
+    is the baseline b, none at first, and the loss and its gradient are disco's
+    mean((π/q)·(−(p/π − b))·log π) (naver/disco/disco/tuners/losses/f_divergence.py, re-expressed)."""
+    trainer = make_trainer(
+        trained_tiny_dir,
+        tmp_path / "run",
+        proposal="offline",
+        target="tilt",
+        beta=1.0,
+        divergence="fkl",
+        baseline="moving_average",
+        baseline_window=6,
+    )
+    model = trainer.model
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for parameter in model.parameters():  # π moves away from the snapshot q
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+    _, _, first = one_generation(trainer)
+    assert torch.all(first["baseline_value"] == 0)  # disco: no baseline before the first window
+    mask = first["completion_mask"].float()
+    log_pi_first = (trainer.logprobs_without_grad(model, first) * mask).sum(-1).double()
+    assert (log_pi_first - first["log_proposal"].double()).abs().max() > 1e-2  # q ≠ π
+    r_f = f_pseudo_reward("fkl", first["log_target"].double(), first["log_z"].double(), log_pi_first)
+    assert trainer.baseline_window_values == pytest.approx(r_f[-6:].tolist(), rel=1e-4)
+    _, _, second = one_generation(trainer)
+    b = sum(r_f[-6:].tolist()) / 6
+    assert second["baseline_value"].double().tolist() == pytest.approx([b] * 8, rel=1e-5)
+
+    model.zero_grad()
+    loss = trainer.loss(model, second)
+    loss.backward()
+    ours = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    token_logp, _ = trainer.policy_logprobs(model, second)
+    log_pi = (token_logp * second["completion_mask"].float()).sum(-1).double()
+    # re-expresses naver/disco/disco/tuners/losses/f_divergence.py (FDivergenceLoss.__call__), KL's f′
+    log_t = log_pi.detach() - (second["log_target"].double() - second["log_z"].double())
+    advantage = torch.exp(-log_t) - second["baseline_value"].double()
+    ratios = (log_pi.detach() - second["log_proposal"].double()).exp()
+    reference = (ratios * (-advantage) * log_pi).mean()
+    reference.backward()
+    theirs = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert len(ours) == len(theirs) and all(
+        torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(ours, theirs)
+    )
+    assert max(g.abs().max().item() for g in theirs) > 1e-5
 
 
 def test_moment_target_fits_lambda(trained_tiny_dir, tmp_path):

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from reasoning.data.datasets import load_records
 from reasoning.data.templates import encode
 from reasoning.recipes import load_recipe
+from reasoning.rewards.likelihood import group_reward_std
 from reasoning.rewards.verifier import correctness
 from reasoning.rollout import Sampling
 from reasoning.rollout.hf import HFEngine
@@ -134,13 +135,19 @@ def test_composite_logprobs_and_reward_equal_full_logits(trained_tiny_dir, tmp_p
         # the sampled source's log-probs are what the engine sampled with
         own = lp if rollout.extra["from_prior"] else lq
         torch.testing.assert_close(torch.tensor(rollout.logprobs), own, atol=1e-4, rtol=0)
-        # reward: log p(y*|x, z) of the reference answer after the trace, at temperature 1
-        if not rollout.truncated:
-            trace, _ = trainer.split_trace(rollout)
-            answer = encode(tokenizer, "\nA:") + encode(tokenizer, row["answer"]) + [tokenizer.eos_token_id]
-            answer_logp = full_logits_logprobs(model, list(row["prompt_ids"]) + trace, answer)
-            expected = answer_logp[len(encode(tokenizer, "\nA:")) :].sum()
-            assert abs(batch["training_rewards"][i].item() - expected.item()) < 1e-4
+        # reward: log p(y*|x, z) of the reference answer after the trace and its marker, at temperature 1,
+        # EOS not scored; completions without a marker (or truncated) are excluded by default
+        cut = trainer.cut(rollout)
+        if rollout.truncated or cut.missing:
+            assert math.isnan(batch["training_rewards"][i])
+            continue
+        marker = encode(tokenizer, "\nA:")
+        answer_logp = full_logits_logprobs(
+            model, list(row["prompt_ids"]) + cut.trace, marker + encode(tokenizer, row["answer"])
+        )
+        expected = answer_logp[len(marker) :].sum()
+        assert abs(batch["training_rewards"][i].item() - expected.item()) < 1e-4
+        assert batch["trace_mask"][i].sum() == len(cut.trace) + len(marker)
 
 
 def test_training_steps_change_weights_and_log_both_sources(trained_tiny_dir, tmp_path):
@@ -219,6 +226,119 @@ def test_baseline_rewards_run_one_step_prior_only(trained_tiny_dir, tmp_path, re
         assert trainer.ref_model is not None
 
 
+def replace_completion(trainer, rollout, ids, finish_reason):
+    """Make `rollout` a completion of token ids `ids` (a case the sampler may not produce on its own)."""
+    rollout.completion_ids = list(ids)
+    rollout.logprobs = [0.0] * len(ids)
+    rollout.finish_reason = finish_reason
+    rollout.text = trainer.processing_class.decode(ids, skip_special_tokens=True)
+
+
+def test_verifree_defaults_give_the_released_trainers_loss_on_the_real_model(trained_tiny_dir, tmp_path):
+    """VeriFree's defaults (sail-sg/VeriFree verifree.py): R = p(y*|x, z) with no EOS scored, 0 without an
+    answer marker or when truncated (kept in the RLOO group), loss −A Σ_t log π(z_t) (trace and marker,
+    summed) − R Σ_t log p(y*_t|·), batch means. Gradients of the trainer's loss = the re-expressed one."""
+    trainer = make_trainer(
+        trained_tiny_dir, tmp_path, reward="verifree", alpha=1.0, args={"gradient_accumulation_steps": 1}
+    )
+    cfg = trainer.config
+    assert (cfg.loss_type, cfg.truncated_reward, cfg.missing_answer, cfg.baseline) == (
+        "sum",
+        0.0,
+        "zero",
+        "rloo",
+    )
+    assert (cfg.nll_coef, cfg.answer_nll_coef, cfg.score_eos) == (0.0, 1.0, False)
+    tokenizer = trainer.processing_class
+    rows = [trainer.train_dataset[i] for i in range(2)]
+    groups = trainer.generate(rows)
+    eos = tokenizer.eos_token_id
+    replace_completion(trainer, groups[0][0], encode(tokenizer, "1+2=3,4+5=9") + [eos], "stop")  # no marker
+    replace_completion(trainer, groups[0][1], groups[0][1].completion_ids[:6], "length")  # truncated
+    batch = trainer.build_batch(rows, groups, trainer.score(rows, groups))
+    rewards = batch["training_rewards"]
+    assert rewards[0] == 0 and rewards[1] == 0 and batch["missing_answer"][0]
+    model = trainer.model
+    marker = encode(tokenizer, "\nA:")
+    checked = 0
+    for i, rollout in enumerate(r for g in groups for r in g):
+        cut = trainer.cut(rollout)
+        if rollout.truncated or cut.missing:
+            assert rewards[i] == 0
+            continue
+        row = rows[i // 4]
+        logp = full_logits_logprobs(
+            model, list(row["prompt_ids"]) + cut.trace, marker + encode(tokenizer, row["answer"])
+        )
+        assert rewards[i].item() == pytest.approx(logp[len(marker) :].sum().exp().item(), rel=1e-4, abs=1e-9)
+        checked += 1
+    assert checked >= 4
+    grouped = rewards.view(-1, 4)
+    rloo = ((grouped - grouped.mean(1, keepdim=True)) * 4 / 3).reshape(-1)
+    torch.testing.assert_close(batch["advantages"], rloo, atol=1e-7, rtol=1e-6)
+    assert batch["advantages"][0] < 0  # the markerless sample stays in its group with R = 0
+
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(trainer.loss(model, batch), params, allow_unused=True)
+    # re-expresses verifree.py (learning_step): pg = −A Σ_t logπ·think_mask, sft = −Σ_t logπ·answer_mask·R
+    passes = trainer.template_passes(model, batch, posterior=False, answer=True)
+    think = batch["trace_mask"].float()
+    pg = (-batch["advantages"] * (passes["prior"] * think).sum(-1)).mean()
+    sft = (-(passes["answer"] * passes["answer_mask"]).sum(-1) * rewards).mean()
+    want = torch.autograd.grad(pg + sft, params, allow_unused=True)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or g.abs().max() == 0
+            continue
+        torch.testing.assert_close(g, w, atol=1e-7, rtol=1e-4)
+    assert max(w.abs().max() for w in want if w is not None) > 1e-4
+
+
+def test_rlpr_defaults_format_term_std_scaling_and_filter_schedule(trained_tiny_dir, tmp_path):
+    """RLPR's defaults (OpenBMB/RLPR): reward 0.9·clip(p̄ − p̄_noCoT) + 0.1·format, GRPO advantages
+    (r − mean)/(std + 1e-6), a std filter that starts after a warm-up from β × the mean warm-up std."""
+    trainer = make_trainer(
+        trained_tiny_dir, tmp_path, reward="rlpr", alpha=1.0, rlpr_filter_ema_start=1, rlpr_filter_start=2
+    )
+    cfg = trainer.config
+    assert (cfg.scale_advantages, cfg.truncated_reward, cfg.missing_answer) == ("group", "score", "zero")
+    assert (cfg.rlpr_format_coef, cfg.rlpr_std_filter_beta, cfg.nll_coef) == (0.1, 0.5, 0.0)
+    _, _, first = generation(trainer, 4)
+    assert trainer.rlpr_threshold == 0.0  # generation 1 is the warm-up: nothing filtered
+    rewards = first["training_rewards"]
+    fmt = first["format_ok"]
+    assert fmt.any() and (rewards[fmt] >= 0.1 - 1e-6).all() and (rewards <= 1.0).all()
+    assert (rewards[first["missing_answer"]] == 0).all()
+    std = group_reward_std(rewards, 4)
+    grouped = rewards.view(-1, 4)
+    expected = (grouped - grouped.mean(1, keepdim=True)) / (std.unsqueeze(1) + 1e-6)
+    expected = torch.where(std.unsqueeze(1) < 1e-6, torch.zeros_like(expected), expected)
+    torch.testing.assert_close(first["advantages"], expected.reshape(-1), atol=1e-5, rtol=1e-5)
+    rows = [trainer.train_dataset[i] for i in range(4, 8)]
+    groups = trainer.generate(rows)
+    second = trainer.build_batch(rows, groups, trainer.score(rows, groups))
+    bound = 0.5 * std[torch.isfinite(std)].mean().item()
+    assert trainer.rlpr_threshold == pytest.approx(bound)
+    std2 = group_reward_std(second["training_rewards"], 4)
+    dropped = ~(std2 >= bound)
+    assert (second["advantages"].view(-1, 4)[dropped] == 0).all()
+    assert trainer.trainer_extra_state()["rlpr_filter"]["step"] == 2
+
+
+def test_nover_defaults_rank_with_worst_one_over_n_and_zero_for_bad_format(trained_tiny_dir, tmp_path):
+    trainer = make_trainer(trained_tiny_dir, tmp_path, reward="nover", alpha=1.0)
+    assert trainer.config.nover_log_base == 10.0 and trainer.config.truncated_reward == 0.0
+    _, groups, batch = generation(trainer, 4)
+    rewards, fmt = batch["training_rewards"].view(-1, 4), batch["format_ok"].view(-1, 4)
+    assert fmt.any()
+    for row, ok in zip(rewards, fmt):
+        n = int(ok.sum())
+        assert (row[~ok] == 0).all()
+        if n:  # the valid ones get n/n, (n − 1)/n, ..., 1/n
+            assert sorted(row[ok].tolist()) == pytest.approx([k / n for k in range(1, n + 1)])
+
+
 def test_truncated_samples_get_no_kl_term(trained_tiny_dir, tmp_path):
     trainer = make_trainer(trained_tiny_dir, tmp_path, alpha=0.5)
     _, _, batch = generation(trainer, 4)
@@ -264,10 +384,23 @@ def test_recipes_parse():
     paper = load_recipe(ROOT / "recipes/papers/covrl_qwen2.5_7b.yaml")
     assert paper.model.path == "Qwen/Qwen2.5-7B" and paper.method.num_generations == 8
     assert paper.training["learning_rate"] == 1e-6 and paper.rollout.max_tokens == 2048
+    assert (demo.method.loss_type, demo.method.nll_coef, demo.method.missing_answer) == (
+        "grpo",
+        0.1,
+        "exclude",
+    )
     baseline = load_recipe(
         ROOT / "recipes/demo/covrl.yaml", ["--covrl.reward", "verifree", "--covrl.alpha", "1"]
     )
     assert baseline.method.composite_weight == 1.0
+    # the recipe leaves the per-reward defaults alone: the baseline gets its released trainer's
+    method = baseline.method
+    assert (method.loss_type, method.truncated_reward, method.missing_answer, method.nll_coef) == (
+        "sum",
+        0.0,
+        "zero",
+        0.0,
+    )
 
 
 @pytest.mark.vllm

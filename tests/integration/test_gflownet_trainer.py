@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from reasoning.data.datasets import load_records
 from reasoning.data.templates import encode
+from reasoning.objectives.gflownet import set_terminal_log_flow, subtb_log_normalizer
 from reasoning.rewards.verifier import correctness, is_correct
 from reasoning.rollout import Sampling
 from reasoning.rollout.hf import HFEngine
@@ -119,12 +120,13 @@ def test_likelihood_rewards_and_modified_subtb_equal_recomputation(trained_tiny_
         reward_temperature_start=0.5,
     )
     model = trainer.model.eval()
+    assert trainer.config.resolved_subtb_normalization() == "gfn-lm-tuning"  # modified SubTB's default
     rows, groups, batch = one_batch(trainer, prompts=1)
     loss = trainer.loss(model, batch)
     tokenizer, template = trainer.processing_class, trainer.template
     marker = encode(tokenizer, template.answer_prefix)
     answer_ids = encode(tokenizer, rows[0]["answer"]) + [tokenizer.eos_token_id]
-    expected = []
+    sums, counts = [], []
     for i, rollout in enumerate(groups[0]):
         ids = rollout.completion_ids
         n = len(ids) - 1 if ids[-1] == tokenizer.eos_token_id else len(ids)
@@ -148,8 +150,56 @@ def test_likelihood_rewards_and_modified_subtb_equal_recomputation(trained_tiny_
             for a in range(n + 1)
             for b in range(a + 1, n + 1)
         ]
-        expected.append(sum(terms) / max(len(terms), 1))
-    assert loss.item() == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+        sums.append(sum(terms))
+        counts.append(len(terms))
+    assert len(set(counts)) > 1  # traces of different lengths: the two normalisations differ
+    # gfn-lm-tuning: the group's pair terms over the group's number of pairs (λ = 1)
+    assert loss.item() == pytest.approx(sum(sums) / sum(counts), rel=1e-4)
+    # micro-batches that split the group: the divisor comes from the whole group, so the mean of the
+    # halves' losses is the group's loss
+    halves = [
+        {k: v[part] if torch.is_tensor(v) and v.dim() else v for k, v in batch.items()}
+        for part in (slice(0, 2), slice(2, 4))
+    ]
+    split = sum(trainer.loss(model, half).item() for half in halves) / 2
+    assert split == pytest.approx(loss.item(), rel=1e-5)
+    # sequence: each row over its own number of pairs, then the mean
+    batch["subtb_log_norm"] = subtb_log_normalizer(batch["trace_mask"], 1.0, "sequence", batch["group"])
+    per_sequence = [total / max(count, 1) for total, count in zip(sums, counts)]
+    assert trainer.loss(model, batch).item() == pytest.approx(sum(per_sequence) / len(per_sequence), rel=1e-4)
+
+
+@pytest.mark.parametrize("normalization", [None, "gfn-lm-tuning"])
+def test_subtb_loss_uses_the_configured_pair_normalization(trained_tiny_dir, tmp_path, normalization):
+    """`loss: subtb` (flow head): the loss is SubTB(λ) on the batch's flows, per sequence by default
+    (torchgfn's geometric_within), over the prompt's samples with `gfn-lm-tuning`."""
+    trainer = make_trainer(
+        trained_tiny_dir, tmp_path / "run", loss="subtb", subtb_lambda=0.7, subtb_normalization=normalization
+    )
+    model = trainer.model.eval()
+    torch.nn.init.normal_(trainer.heads["flow"].outer.weight, std=0.5)  # flows that differ by state
+    _, _, batch = one_batch(trainer, prompts=1)
+    loss = trainer.loss(model, batch).item()
+    with torch.no_grad():
+        log_pf, _, hidden = trainer.forward_terms(model, batch)
+        flow = set_terminal_log_flow(trainer.heads["flow"](hidden), batch["tb_mask"], batch["log_reward"])
+    tb_mask = batch["tb_mask"]
+    lengths = tb_mask.sum(-1).long().tolist()
+    assert len(set(lengths)) > 1
+    sums, weights = [], []
+    for b, n in enumerate(lengths):  # naive double loop over the pairs of row b
+        terms = [
+            (0.7 ** (j - i - 1), (flow[b, i] + log_pf[b, i:j].sum() - flow[b, j]).item() ** 2)
+            for i in range(n)
+            for j in range(i + 1, n + 1)
+        ]
+        sums.append(sum(w * t for w, t in terms))
+        weights.append(sum(w for w, _ in terms))
+    if normalization is None:
+        expected = sum(s / w for s, w in zip(sums, weights)) / len(sums)
+    else:
+        expected = sum(sums) / sum(weights)
+    assert loss == pytest.approx(expected, rel=1e-4)
 
 
 def test_log_z_group_replay_checkpoint_and_resume(trained_tiny_dir, tmp_path):

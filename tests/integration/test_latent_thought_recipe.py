@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,6 +56,10 @@ def test_latent_thought_recipe_trains_saves_and_reloads(tmp_path, run_cli):
     assert report["global_step"] == 3
     assert report["elbo"]["num_sequences"] == 1  # 4 held-out records, 4 per text
     assert report["elbo"]["perplexity_upper_bound"] > 1
+    # one held-out text: the reference's mean over texts of exp(NELBO/N) is the same number
+    assert report["elbo"]["perplexity_sequence_mean"] == pytest.approx(
+        report["elbo"]["perplexity_upper_bound"]
+    )
     assert report["few_shot"]["num_inits"] == 2 and report["few_shot"]["shots"] == 2
     assert report["few_shot_prior_z"]["num_inits"] == 1
     summary = json.loads((out / "summary.json").read_text())

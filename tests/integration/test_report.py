@@ -2,7 +2,7 @@
 progress bars; `report_to` TensorBoard and W&B (offline) with the completions table.
 
 One short run (the real `reasoning train` command, hf rollouts, 4 steps, logging every step,
-evaluation before and after) serves every test of this module.
+evaluation before and after and every 2 steps during training) serves every test of this module.
 """
 
 import base64
@@ -32,7 +32,7 @@ data: {{train: "synthetic:addition?digits=3&n=200&seed=1&split=train"}}
 rollout: {{engine: hf, temperature: 1.0, max_tokens: 32}}
 reward: {{functions: [correctness, answer_format]}}
 grpo: {{num_generations: 4, beta: 0.05}}
-eval: {{benchmarks: [addition], n: 4, temperature: 1.0, limit: 8, before: true}}
+eval: {{benchmarks: [addition], n: 4, temperature: 1.0, limit: 8, before: true, steps: 2}}
 training:
   output_dir: {output_dir}
   max_steps: 4
@@ -59,9 +59,22 @@ def short_run(trained_tiny_dir, tmp_path_factory, run_cli):
     return base / "run", base / "wandb", result.stderr
 
 
-def metric_records(run_dir: Path) -> list[dict]:
+def all_records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the end-of-training summary: training logs and evaluations during training."""
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in lines if "train_runtime" not in r]
+
+
+def metric_records(run_dir: Path) -> list[dict]:
+    """The training logs of metrics.jsonl."""
+    return [r for r in all_records(run_dir) if "time/eval" not in r]
+
+
+def evaluation_records(run_dir: Path) -> list[dict]:
+    """The evaluations during training (eval.steps 2 of 4 steps: at 0, 2 and 4)."""
+    records = [r for r in all_records(run_dir) if "time/eval" in r]
+    assert [r["step"] for r in records] == [0, 2, 4]
+    return records
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -131,11 +144,15 @@ def test_report_page_loads_in_chromium_with_every_plot(short_run, tmp_path, run_
         "Entropy: ",
         "Clip fraction: ",
         "timing of run",
+        "Evaluation during training (addition): eval/addition/avg@4, eval/addition/pass@1",
         "avg@n per evaluation",
         "pass@k against k",
     ):
         assert f"<figcaption>{caption}" in page, caption
-    assert len(images) >= 10
+    assert len(images) >= 11
+    # the timing table: the cost of each evaluation during training, per call
+    costs = [r["time/eval"] for r in evaluation_records(run_dir)]
+    assert f"<td>time/eval</td><td class=num>3</td><td class=num>{sum(costs) / 3:.3g}</td>" in page
     for data in images:
         image = Image.open(io.BytesIO(base64.b64decode(data)))
         image.load()
@@ -198,9 +215,9 @@ def test_report_tables_match_the_run_files_and_runs_overlay(short_run, tmp_path)
     lines = [line for _, panel in panel_lines([s for run in runs for s in run.series]) for line in panel]
     assert {name for i, name in lines if i == 0} == {name for i, name in lines if i == 1}
     names = {name for i, name in lines if i == 0}
-    logged = {k for r in metric_records(run_dir) for k, v in r.items() if isinstance(v, (int, float))}
+    logged = {k for r in all_records(run_dir) for k, v in r.items() if isinstance(v, (int, float))}
     assert names == {k for k in logged if not k.startswith("time/")} - {"step", "epoch", "time"}
-    assert "kl" in names and "rewards/answer_format/mean" in names
+    assert "kl" in names and "rewards/answer_format/mean" in names and "eval/addition/maj@4" in names
     # the completions table holds every row of both runs with its reward
     rows = jsonl(run_dir / "completions.jsonl")
     assert page.count('<tr data-source="run"') == len(rows) == page.count('<tr data-source="other"')
@@ -219,6 +236,12 @@ def test_training_and_evaluation_show_live_key_metrics(short_run):
     assert math.isclose(float(fields["acc"]), last["rewards/correctness/mean"], rel_tol=1e-3, abs_tol=1e-4)
     assert math.isclose(float(fields["kl"]), last["kl"], rel_tol=1e-3, abs_tol=1e-6)
     assert "{'loss'" not in stderr  # the per-step dicts are in metrics.jsonl, not printed
+    # an evaluation during training: one line above the bar, in %
+    for record in evaluation_records(short_run[0]):
+        avg, cost = 100 * record["eval/addition/avg@4"], record["time/eval"]
+        assert re.search(
+            rf"step {record['step']} eval  addition avg@4 {avg:.1f}% .*maj@4 .*\({cost:.1f} s\)", stderr
+        )
     # evaluation: the benchmark bar shows the running accuracy, ending at the avg@4 of results.json
     for name in ("before", "final"):
         results = json.loads((short_run[0] / "eval" / name / "results.json").read_text())
@@ -247,6 +270,11 @@ def test_tensorboard_events_hold_the_logged_metrics_and_completions(short_run):
         assert [s for s, _ in written] == [s for s, _ in logged]
         for (_, a), (_, b) in zip(written, logged):
             assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9), name
+    for name in ("eval/addition/avg@4", "eval/addition/pass@4", "time/eval"):  # evaluations during training
+        logged = [(r["step"], r[name]) for r in evaluation_records(run_dir)]
+        written = [(e.step, e.value) for e in accumulator.Scalars(f"train/{name}")]
+        assert [s for s, _ in written] == [s for s, _ in logged]
+        assert all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for (_, a), (_, b) in zip(written, logged))
     tables = [e.tensor_proto.string_val[0].decode() for e in accumulator.Tensors("completions/text_summary")]
     rows = jsonl(run_dir / "completions.jsonl")
     assert tables and "| step | prompt | completion | reward |" in tables[0]
@@ -276,8 +304,14 @@ def test_wandb_offline_run_holds_the_logged_metrics_and_completions_table(short_
     for record in records:
         for name in ("reward", "kl", "rewards/answer_format/mean", "completions/mean_length"):
             assert math.isclose(steps[record["step"]][f"train/{name}"], record[name], rel_tol=1e-9), name
+    evaluations = {h["train/global_step"]: h for h in history if "train/eval/addition/avg@4" in h}
+    assert sorted(evaluations) == [r["step"] for r in evaluation_records(run_dir)]
+    for record in evaluation_records(run_dir):
+        assert math.isclose(
+            evaluations[record["step"]]["train/eval/addition/maj@4"], record["eval/addition/maj@4"]
+        )
     tables = [h for h in history if "completions.path" in h]
-    assert [t["train/global_step"] for t in tables] == [r["step"] for r in records]  # one per log
+    assert [t["train/global_step"] for t in tables] == [r["step"] for r in records]  # one per training log
     assert all(t["completions._type"] == "table-file" for t in tables)
     rows = []
     for table in tables:

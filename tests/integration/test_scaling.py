@@ -79,6 +79,9 @@ def test_bin_scores_equal_an_independent_recomputation(trained_tiny_dir, tmp_pat
         json.loads((tmp_path / "scaling" / "results.json").read_text())["benchmarks"]["addition"] == metrics
     )
     lines = [json.loads(x) for x in (tmp_path / "scaling" / "samples.jsonl").read_text().splitlines()]
+    reasons = [reason for line in lines for reason in line["finish_reasons"]]
+    assert len(reasons) == 3 * 4 and metrics["truncated_share"] == reasons.count("length") / len(reasons)
+    lines = [json.loads(x) for x in (tmp_path / "scaling" / "samples.jsonl").read_text().splitlines()]
     assert len(lines) == 3
     template = template_for(tokenizer)
     marker = encode(tokenizer, template.answer_prefix)
@@ -121,6 +124,10 @@ def test_scaling_with_the_vllm_engine(trained_tiny_dir, vllm_engine):
     assert metrics["problems"] == 8 and results["engine"] == "VLLMEngine"
     for method in ("bin", "bon", "majority"):
         assert 0 <= metrics[f"{method}@8"] <= metrics["pass@8"]
+    assert results["max_model_len"] == 256 and 0 <= metrics["truncated_share"] <= 1
+    # rationale budget + the answer decoded after it must fit the engine's 256 tokens: refused up front
+    with pytest.raises(ValueError, match=r"new tokens plus \d+ to decode the answer.*max_model_len of 256"):
+        scaling_eval(str(trained_tiny_dir), ["addition"], ns=(4,), limit=2, max_tokens=230, engine=vllm_engine)
 
 
 def test_cli_scaling(trained_tiny_dir, tmp_path, run_cli):

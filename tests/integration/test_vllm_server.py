@@ -4,14 +4,22 @@ One server process for the module (start-up takes ~15 s on 2 cores); its process
 at teardown. Checked: generations and log-probs equal transformers' (greedy, and sampled with
 warpers), prompts sharded over several URLs, one GRPO step with server rollouts, then a weight push
 after which the server generates from the new weights; an unreachable server fails fast and clearly.
+Start-up reads each server's `/server_info` and refuses one without processed log-probs or (for NCCL)
+a weight-transfer engine; a push that fails on one of several servers stops the engine; `close()`
+shuts every weight-transfer engine down. A local stub server (`StubServer`) stands in where the CPU
+build cannot: GPU-only configuration fields, and a second server that goes down.
 """
 
 import copy
+import json
+import logging
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -255,6 +263,176 @@ def test_nccl_weight_source_streams_what_it_declares(server, model_dir):
         streamed = list(NCCLTrainerWeightTransferEngine._checked_iter(source, meta))
         assert [n for n, _ in streamed] == names
         assert all(torch.allclose(t, merged[n], atol=1e-6) for n, t in streamed)
-    with VLLMServerEngine(str(model_dir), servers=server, weight_sync="nccl") as engine:
-        with pytest.raises(RuntimeError, match="needs GPUs; on CPU use weight_sync='checkpoint'"):
-            engine.sync_weights(policy)
+    # (the refusal of a server without a weight-transfer engine, and of a sync without GPUs, are
+    # checked in test_server_info_is_read_and_unsuitable_servers_are_refused)
+
+
+# ----------------------------------------------------------------------------- server_info, failures, close
+
+
+class StubServer:
+    """A local HTTP server answering the start-up checks with a real server's recorded answers
+    (`/server_info` possibly edited: the GPU-only fields) and every POST with 200; `down()` stops it."""
+
+    def __init__(self, answers: dict[str, dict]) -> None:
+        posts = self.posts = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def _send(self, body: dict | None) -> None:
+                data = b"" if body is None else json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                if path not in answers:
+                    self.send_error(404)
+                    return
+                self._send(answers[path])
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                posts.append(self.path)
+                self._send({})
+
+            def log_message(self, *args):
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+        self.thread.start()
+
+    def down(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture(scope="module")
+def recorded(server) -> dict[str, dict]:
+    """The real server's answers to the start-up checks."""
+    answers = {path: httpx.get(server + path, timeout=120).json() for path in ("/v1/models", "/openapi.json")}
+    answers["/health"] = None
+    answers["/server_info"] = httpx.get(server + "/server_info?config_format=json", timeout=120).json()
+    return answers
+
+
+def stub_with(recorded, **config_changes) -> StubServer:
+    info = copy.deepcopy(recorded["/server_info"])
+    for key, value in config_changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            info["vllm_config"][section][field] = value
+        else:
+            info["vllm_config"][section] = value
+    return StubServer({**recorded, "/server_info": info})
+
+
+def test_server_info_is_read_and_unsuitable_servers_are_refused(server, model_dir, recorded):
+    config = recorded["/server_info"]["vllm_config"]
+    # the real CPU server: processed log-probs, no weight-transfer engine
+    assert config["model_config"]["logprobs_mode"] == "processed_logprobs"
+    assert config["weight_transfer_config"] is None
+    with VLLMServerEngine(str(model_dir), servers=server):
+        pass  # checkpoint pushes need no weight-transfer engine
+    with pytest.raises(RuntimeError, match=r"has no NCCL weight-transfer engine .*--weight-transfer-config") as error:
+        VLLMServerEngine(str(model_dir), servers=server, weight_sync="nccl", nccl_host="127.0.0.1")
+    assert server in str(error.value)
+    with pytest.raises(ValueError, match="needs nccl_host"):
+        VLLMServerEngine(str(model_dir), servers=server, weight_sync="nccl")
+    # GPU-only and misconfigured servers, through a stub that answers with the real server's edited configuration
+    raw = stub_with(recorded, model_config__logprobs_mode="raw_logprobs")
+    nccl = stub_with(recorded, weight_transfer_config={"backend": "nccl"})
+    try:
+        with pytest.raises(RuntimeError, match=r"runs with logprobs_mode 'raw_logprobs'.*--logprobs-mode processed_logprobs"):
+            VLLMServerEngine(str(model_dir), servers=[server, raw.url])
+        with VLLMServerEngine(str(model_dir), servers=nccl.url, weight_sync="nccl", nccl_host="127.0.0.1") as engine:
+            assert engine.servers == [nccl.url]
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            with pytest.raises(RuntimeError, match="needs GPUs; on CPU use weight_sync='checkpoint'"):
+                engine.sync_weights(model)
+            assert engine._failure is None  # refused before any push: nothing is inconsistent
+    finally:
+        raw.down()
+        nccl.down()
+
+
+def test_a_push_that_fails_on_one_server_stops_the_engine(server, model_dir, recorded, tokenizer, tmp_path):
+    """Two servers, one goes down: the push raises naming it, and the engine then refuses to push to (or
+    sample from) the one still up, whose weights may now differ from the other's."""
+    stub = stub_with(recorded)
+    weights = tmp_path / "weights"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    engine = VLLMServerEngine(str(model_dir), servers=[server, stub.url], weights_dir=str(weights), retries=0)
+    try:
+        engine.sync_weights(model)  # both up
+        assert stub.posts == ["/collective_rpc", "/reset_prefix_cache"]
+        stub.down()
+        with pytest.raises(ServerUnreachableError, match=r"failed on 1 of 2 server\(s\) \(" + stub.url) as error:
+            engine.sync_weights(model)
+        assert f"answered: {server}" in str(error.value)
+        versions = sorted(p.name for p in weights.iterdir())
+        for call in (lambda: engine.sync_weights(model), lambda: engine.generate(encode(tokenizer), Sampling())):
+            with pytest.raises(RuntimeError, match=r"an earlier weight push failed .*refuses to push or sample again"):
+                call()
+        assert sorted(p.name for p in weights.iterdir()) == versions  # nothing written, nothing pushed
+    finally:
+        engine.close()
+
+
+class TransferRecorder:
+    """A trainer-side NCCL weight-transfer engine (GPU only) reduced to its calls."""
+
+    def __init__(self, calls: list, name: str, fail_send: bool = False, fail_shutdown: bool = False) -> None:
+        self.calls, self.name, self.fail_send, self.fail_shutdown = calls, name, fail_send, fail_shutdown
+        self.is_sender = True
+        recorder = self
+
+        class Client:
+            def shutdown_weight_transfer_engine(self):
+                recorder.calls.append((recorder.name, "server shutdown"))
+                if recorder.fail_shutdown:
+                    raise ConnectionError("server gone")
+
+        self.client = Client()
+
+    def send_weights(self):
+        self.calls.append((self.name, "send"))
+        if self.fail_send:
+            raise RuntimeError("NCCL broadcast failed")
+
+    def shutdown(self):
+        self.calls.append((self.name, "trainer shutdown"))
+
+
+def test_nccl_push_stops_at_the_first_failing_server_and_close_shuts_every_engine_down(
+    server, model_dir, monkeypatch, caplog
+):
+    calls: list = []
+    engine = VLLMServerEngine(str(model_dir), servers=[server, server])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    engine.weight_sync = "nccl"  # as if both servers had NCCL weight-transfer engines (GPU only)
+    engine._nccl_source = model_weight_source(model)
+    engine._nccl_engines = [TransferRecorder(calls, "a", fail_send=True, fail_shutdown=True), TransferRecorder(calls, "b")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:
+        with pytest.raises(RuntimeError, match="NCCL broadcast failed"):
+            engine.sync_weights(model)
+        assert calls == [("a", "send")]  # server b was not pushed to
+        with pytest.raises(RuntimeError, match="an earlier weight push failed"):
+            engine.sync_weights(model)
+        assert calls == [("a", "send")]
+    finally:
+        monkeypatch.undo()
+        with caplog.at_level(logging.WARNING, logger="reasoning.rollout.vllm_server"):
+            engine.close()
+    assert calls[1:] == [
+        ("a", "server shutdown"),  # fails (a warning) ...
+        ("a", "trainer shutdown"),  # ... and the rest still runs
+        ("b", "server shutdown"),
+        ("b", "trainer shutdown"),
+    ]
+    assert any("shutting the server's weight-transfer engine down failed" in r.getMessage() for r in caplog.records)

@@ -197,11 +197,17 @@ def test_save_and_reload_with_auto_classes_generates_the_same_tokens(tmp_path):
 # ------------------------------------------------------------------------------------ fast loop
 
 
-def test_cosine_step_size_runs_from_lr_to_lr_min():
-    steps = [cosine_step_size(t, 9, 0.3, 0.03) for t in range(9)]
-    assert steps[0] == pytest.approx(0.3) and steps[-1] == pytest.approx(0.03)
-    assert steps[4] == pytest.approx(0.165)
-    assert all(a > b for a, b in zip(steps, steps[1:]))
+def test_cosine_step_size_reaches_lr_min_one_step_after_the_last():
+    steps = [cosine_step_size(t, 9, 0.3, 0.03) for t in range(11)]
+    assert steps[0] == pytest.approx(0.3, abs=1e-15)
+    # the reference's schedule: cos(π t/T), so the last step t = 8 is above lr_min, t = 9 is lr_min
+    assert steps[8] == pytest.approx(0.03 + 0.135 * (1 + math.cos(8 * math.pi / 9)), abs=1e-15)
+    assert steps[8] > 0.038 and steps[9] == steps[10] == 0.03
+    assert steps[4] == pytest.approx(0.03 + 0.135 * (1 + math.cos(4 * math.pi / 9)), abs=1e-15)
+    assert all(a > b for a, b in zip(steps[:10], steps[1:10]))
+    assert (
+        cosine_step_size(0, 1, 0.3, 0.03) == pytest.approx(0.3) and cosine_step_size(1, 1, 0.3, 0.03) == 0.03
+    )
 
 
 def test_collator_labels_count_exactly_the_scored_tokens(dataset):
@@ -333,8 +339,16 @@ def test_elbo_perplexity_is_the_exponentiated_nelbo_per_token(dataset):
     assert result.num_tokens == int(scored_token_mask(batch["input_ids"], batch["attention_mask"]).sum())
     assert result.nelbo_per_token == pytest.approx(result.nll_per_token + result.kl_per_token)
     assert result.perplexity_upper_bound == pytest.approx(math.exp(result.nelbo_per_token))
+    # the reference's convention weighs sequences alike and is a different number (lengths differ)
+    assert math.isfinite(result.perplexity_sequence_mean)
+    assert result.perplexity_sequence_mean != pytest.approx(result.perplexity_upper_bound, rel=1e-3)
     from_tensors = elbo_perplexity(model, batch["input_ids"], batch["attention_mask"], steps=4)
     assert from_tensors.num_tokens == result.num_tokens
+    # one sequence: the two conventions coincide
+    one = elbo_perplexity(
+        model, dataset.select(range(1)), steps=4, generator=torch.Generator().manual_seed(0)
+    )
+    assert one.perplexity_sequence_mean == pytest.approx(one.perplexity_upper_bound, rel=1e-9)
 
 
 def test_generate_with_inference_decodes_each_initialisation(tokenizer):
@@ -532,7 +546,7 @@ def test_token_perplexity_is_the_exact_mean_token_nll(tokenizer):
     model = small_model(seed=11).eval()
     texts = ["Q:1+2\nT:1+2=3\nA:3", "Q:4+4\nT:4+4=8\nA:8\nQ:1+1"]
     out = token_perplexity(model, tokenizer, texts, batch_size=1)
-    total, count = 0.0, 0
+    total, count, per_text = 0.0, 0, []
     for text in texts:
         ids = torch.tensor(
             [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
@@ -540,9 +554,12 @@ def test_token_perplexity_is_the_exact_mean_token_nll(tokenizer):
         with torch.no_grad():
             loss = model(ids, labels=ids).loss  # mean over the ids.shape[1] − 1 targets
         total, count = total + float(loss) * (ids.shape[1] - 1), count + ids.shape[1] - 1
+        per_text.append(math.exp(float(loss)))
     assert out["num_tokens"] == count
     assert out["nll_per_token"] == pytest.approx(total / count, rel=1e-5)
     assert out["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert out["perplexity_sequence_mean"] == pytest.approx(sum(per_text) / len(per_text), rel=1e-5)
+    assert out["perplexity_sequence_mean"] != pytest.approx(out["perplexity"], rel=1e-4)
 
 
 def test_evaluate_latent_thought_reports_a_bound_and_both_decodes(tokenizer):
@@ -552,5 +569,6 @@ def test_evaluate_latent_thought_reports_a_bound_and_both_decodes(tokenizer):
     out = evaluate_latent_thought(small_model(seed=12).eval(), tokenizer, heldout, demos, config)
     assert out["elbo"]["num_sequences"] == 2 and out["elbo"]["inference_steps"] == 2
     assert out["elbo"]["perplexity_upper_bound"] == pytest.approx(math.exp(out["elbo"]["nelbo_per_token"]))
+    assert out["elbo"]["perplexity_sequence_mean"] > 1
     assert out["few_shot"]["latent_inference"] and not out["few_shot_prior_z"]["latent_inference"]
     assert out["few_shot"]["questions"] == 4 and out["few_shot"]["shots"] == 1

@@ -7,7 +7,17 @@ import pytest
 from typer.testing import CliRunner
 
 from reasoning.cli import app
-from reasoning.report import MAX_LINES_PER_PANEL, ReportError, Series, group_metrics, load_run, panel_lines
+from reasoning.report import (
+    MAX_LINES_PER_PANEL,
+    ReportError,
+    Series,
+    group_metrics,
+    load_run,
+    panel_lines,
+    plot_timing,
+    records_by_step,
+    timing_rows,
+)
 from reasoning.trainers.callbacks import key_metrics
 
 # metric names logged by the trainers of this package (grpo, covrl, bayes, gflownet, latent_thought)
@@ -133,3 +143,50 @@ def test_progress_bar_picks_the_key_metrics_of_any_trainer():
         "kl": 0.2,
     }
     assert key_metrics({"reward": float("nan"), "learning_rate": 1e-3}) == {}
+
+
+def test_evaluations_during_training_get_one_panel_per_benchmark_first():
+    names = [
+        "loss",
+        "eval/addition/avg@4",
+        "eval/addition/pass@1",
+        "eval/addition/maj@4",
+        "eval/addition/mean_length",
+        "eval/minerva_math/avg@1",
+        "completions/mean_length",
+        "time/eval",
+    ]
+    panels = group_metrics(names)
+    assert panels[:2] == [
+        (
+            "Evaluation during training (addition)",
+            ["eval/addition/avg@4", "eval/addition/pass@1", "eval/addition/maj@4"],
+        ),
+        ("Evaluation during training (minerva_math)", ["eval/minerva_math/avg@1"]),
+    ]
+    # the evaluation's completion length beside the training one; its cost in the timing chart
+    assert dict(panels)["Response length (tokens)"] == [
+        "eval/addition/mean_length",
+        "completions/mean_length",
+    ]
+    assert "time/eval" not in [n for _, members in panels for n in members]
+
+
+def test_timing_rows_give_seconds_per_call_and_evaluations_share_a_bar():
+    records = [
+        {"step": 0, "time": 1.0, "time/eval": 2.0},
+        {"step": 1, "time": 2.0, "time/generation": 0.5},
+        {"step": 2, "time": 6.0, "time/eval": 3.0},
+        {"step": 2, "time": 6.1, "time/generation": 0.7},
+    ]
+    rows = timing_rows([Series("run", records)])
+    assert rows == [
+        {"series": "run", "phase": "time/eval", "records": 2, "mean": 2.5, "max": 3.0},
+        {"series": "run", "phase": "time/generation", "records": 2, "mean": 0.6, "max": 0.7},
+    ]
+    assert records_by_step(records) == {
+        0: records[0],
+        1: records[1],
+        2: {"step": 2, "time": 6.1, "time/eval": 3.0, "time/generation": 0.7},
+    }
+    assert plot_timing(Series("run", records)).startswith("data:image/png;base64,")
