@@ -1,4 +1,4 @@
-"""One GRPO step, ours vs TRL 1.16, and the floor: workloads W1 and W2 of docs/performance.md.
+"""One GRPO step, ours vs TRL 1.16, and the floor: workloads W1, W2 and W4 of docs/performance.md.
 
 Each variant runs in its own process and prints one JSON line (the suite, `benchmarks/suite.py`,
 alternates the processes so that ours and the peer share the machine's noise):
@@ -13,6 +13,20 @@ Workload: a 6.3M-parameter Qwen2 (6 layers, hidden 256, 4 heads of 64, the chara
 exactly `--tokens` new tokens (min = max), temperature 1, one optimizer step (AdamW, lr 1e-6,
 constant) per generation, loss dapo, β = 0, reward = correctness. Both trainers get the same
 `TrainingArguments` fields; after `--warmup` untimed steps each of `--steps` steps is timed.
+
+W4 (`--lengths lognormal`): completion lengths vary as reasoning completions do. Generation k of
+every process (warm-up included) uses the same prescribed lengths, `prescribed_lengths(work, k)`: a
+seeded stratified draw of a log-normal with median `--median-length` whose `--cap-share` upper tail
+is cut at the cap `--tokens` (W4: median 64, 10 % at 512). Every side generates exactly those
+lengths: our engine and the floor's raw `LLM.generate` with one request per completion,
+`SamplingParams(max_tokens=L, ignore_eos=True)`; TRL's transformers `generate` with a logits
+processor that forbids EOS before token L and forces it at L (`ForceLengths`; TRL's completion mask
+ends at that EOS, so each completion has L tokens on both sides). The floor trains on exactly the
+non-pad tokens: length-bucketed right-padded micro-batches of at most `--max-tokens-per-microbatch`
+padded tokens, and packed rows of at most `--pack-tokens` tokens (positions restarting per
+sequence); the faster of the two is the floor. Ours trains with `GRPOConfig.max_tokens_per_microbatch =
+--ours-max-tokens-per-microbatch` (0: fixed-size padded micro-batches) and `padding_free =
+--ours-padding-free`; its result reports the chunks per optimizer step and the tokens they carry.
 
 Per step: total (callback `on_step_begin` -> `on_step_end`), generation, weight sync, log-prob
 recomputation (no-grad passes made while building the batch: π_old, π_ref), forward+backward of the
@@ -30,15 +44,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import resource
 import statistics
 import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from statistics import NormalDist
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -59,6 +76,15 @@ class Workload:
     attention: str = "sdpa"  # the transformers model's attention kernel, for every variant alike
     device: str = "auto"  # auto (CUDA when a GPU is visible, else the CPU), cpu or cuda
     compile: bool = False  # torch.compile the training model (TrainingArguments.torch_compile), every variant alike
+    # fixed: every completion has exactly `tokens` tokens; lognormal: W4's prescribed lengths, capped at `tokens`
+    lengths: str = "fixed"
+    median_length: int = 64  # lognormal: the median completion length
+    cap_share: float = 0.1  # lognormal: the share of completions at the cap (`tokens`)
+    max_tokens_per_microbatch: int = 2048  # floor with lognormal lengths: padded tokens per bucketed micro-batch
+    pack_tokens: int = 1024  # floor with lognormal lengths: tokens per packed row
+    # ours: GRPOConfig.max_tokens_per_microbatch (0: none, fixed-size padded micro-batches) and padding_free
+    ours_max_tokens_per_microbatch: int = 0
+    ours_padding_free: str = "auto"  # auto, true or false
 
     @property
     def completions(self) -> int:
@@ -69,6 +95,42 @@ class Workload:
         if self.completions % self.micro_batch and self.micro_batch < self.completions:
             raise ValueError(f"micro_batch {self.micro_batch} must divide {self.completions} completions")
         return max(self.completions // self.micro_batch, 1)
+
+
+def prescribed_lengths(work: Workload, generation: int) -> list[int]:
+    """The completion lengths of generation `generation` (0, 1, ...), one per completion, group by group.
+
+    `fixed`: `tokens` each. `lognormal`: L = min(tokens, max(1, round(median · exp(σ z)))) with σ set so
+    that P(L ≥ tokens) = cap_share; z is a stratified draw (one uniform per stratum k/n .. (k+1)/n,
+    strata shuffled), seeded by (seed, generation), so every step has nearly the same token count
+    and the same share at the cap, and every process draws the same lengths for the same step.
+    """
+    n = work.completions
+    if work.lengths == "fixed":
+        return [work.tokens] * n
+    if work.lengths != "lognormal":
+        raise ValueError(f"lengths {work.lengths!r}: use fixed or lognormal")
+    if not 0 < work.cap_share < 0.5 or not 1 <= work.median_length < work.tokens:
+        raise ValueError(
+            f"lognormal lengths need 0 < cap_share < 0.5 and 1 <= median_length < tokens, got cap_share "
+            f"{work.cap_share}, median_length {work.median_length}, tokens {work.tokens}"
+        )
+    normal = NormalDist()
+    sigma = math.log(work.tokens / work.median_length) / normal.inv_cdf(1 - work.cap_share)
+    rng = random.Random(f"w4-{work.seed}-{generation}")
+    strata = list(range(n))
+    rng.shuffle(strata)
+    out = []
+    for k in strata:
+        u = min(max((k + rng.random()) / n, 1e-12), 1 - 1e-12)
+        out.append(min(work.tokens, max(1, round(work.median_length * math.exp(sigma * normal.inv_cdf(u))))))
+    return out
+
+
+def step_tokens(work: Workload) -> float:
+    """Completion tokens per timed step (the mean over the timed generations)."""
+    timed = range(work.warmup, work.warmup + work.steps)
+    return statistics.fmean(sum(prescribed_lengths(work, k)) for k in timed)
 
 
 def build_model(path: str | Path, max_positions: int = 1024):
@@ -275,7 +337,7 @@ def summarise_steps(steps: list[dict[str, float]], work: Workload, extra: dict) 
         row["other"] = row["total"] - sum(v for k, v in row.items() if k != "total")
         rows.append(row)
     timed = rows[work.warmup :]
-    tokens = work.completions * work.tokens
+    tokens = step_tokens(work)
     return {
         "workload": asdict(work),
         "steps": timed,
@@ -285,6 +347,103 @@ def summarise_steps(steps: list[dict[str, float]], work: Workload, extra: dict) 
         **device_memory(resolve_device(work)),
         **extra,
     }
+
+
+# --------------------------------------------------------------------------- prescribed lengths (W4)
+
+
+def prescribed_requests(work: Workload, engine, prompts: list[list[int]], sampling, n: int, seeds, generation: int):
+    """One vLLM request per completion: `SamplingParams(max_tokens=L, ignore_eos=True)` with L the
+    completion's prescribed length, seeded as our engine seeds the i-th of n samples (seed + i)."""
+    from vllm.inputs import TokensPrompt
+
+    lengths = prescribed_lengths(work, generation)
+    if len(lengths) != len(prompts) * n:
+        raise ValueError(f"{len(prompts)} prompts × {n} completions, but {len(lengths)} prescribed lengths")
+    requests, params = [], []
+    for p, prompt in enumerate(prompts):
+        base = sampling.seed if seeds is None else seeds[p]
+        for j in range(n):
+            fixed = replace(sampling, max_tokens=lengths[p * n + j], ignore_eos=True)
+            params.append(engine.sampling_params(fixed, 1, seed=None if base is None else base + j))
+            requests.append(TokensPrompt(prompt_token_ids=list(prompt)))
+    return requests, params
+
+
+def prescribed_engine(work: Workload, *args, **kwargs):
+    """Our `VLLMEngine` whose `generate` makes each completion exactly its prescribed length (one
+    request per completion; everything else — seeds, log-probs, rollouts — as the engine does)."""
+    from reasoning.rollout import Rollout
+    from reasoning.rollout.vllm_engine import VLLMEngine, _finish_reason, _sampled_logprobs
+
+    class PrescribedLengths(VLLMEngine):
+        generations = 0
+
+        def generate(self, prompt_ids, sampling, n=1, seeds=None):
+            requests, params = prescribed_requests(work, self, prompt_ids, sampling, n, seeds, self.generations)
+            self.generations += 1
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            groups = []
+            for index, prompt in enumerate(prompt_ids):
+                group = []
+                for output in outputs[index * n : (index + 1) * n]:
+                    (sample,) = output.outputs
+                    tokens = list(sample.token_ids)
+                    group.append(Rollout(
+                        prompt_ids=list(prompt), completion_ids=tokens,
+                        logprobs=_sampled_logprobs(tokens, sample.logprobs),
+                        finish_reason=_finish_reason(sample.finish_reason), text="", prompt_index=index,
+                    ))  # fmt: skip
+                groups.append(group)
+            rollouts = [r for g in groups for r in g]
+            for rollout, text in zip(rollouts, self.tokenizer.batch_decode([r.completion_ids for r in rollouts])):
+                rollout.text = text
+            return groups
+
+    return PrescribedLengths(*args, **kwargs)
+
+
+class ForceLengths:
+    """transformers logits processor: row i's completion ends with EOS at exactly `lengths[i]` tokens
+    (EOS forbidden before, forced there), so `generate` makes the prescribed lengths."""
+
+    def __init__(self, lengths: list[int], eos_token_ids: list[int]) -> None:
+        import torch
+
+        self.lengths = torch.tensor(lengths)
+        self.eos = list(eos_token_ids)
+        self.prompt_width: int | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.prompt_width is None:
+            self.prompt_width = input_ids.shape[1]
+        if len(self.lengths) != scores.shape[0]:
+            raise ValueError(f"{scores.shape[0]} rows generated, {len(self.lengths)} prescribed lengths")
+        produced = input_ids.shape[1] - self.prompt_width
+        target = self.lengths.to(scores.device)
+        early = (produced < target - 1).nonzero().flatten()
+        for eos in self.eos:
+            scores[early, eos] = float("-inf")
+        last = (produced == target - 1).nonzero().flatten()
+        scores[last] = float("-inf")
+        scores[last, self.eos[0]] = 0.0
+        return scores
+
+
+def force_generate_lengths(model, work: Workload, eos_token_ids: list[int]) -> None:
+    """Make `model.generate` (as TRL calls it) produce the prescribed lengths, generation by generation."""
+    from transformers import LogitsProcessorList
+
+    original = model.generate
+    calls = [0]
+
+    def generate(*args, **kwargs):
+        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        processors.append(ForceLengths(prescribed_lengths(work, calls[0]), eos_token_ids))
+        calls[0] += 1
+        return original(*args, logits_processor=processors, **kwargs)
+
+    model.generate = generate
 
 
 # --------------------------------------------------------------------------- variants
@@ -303,19 +462,29 @@ def run_ours(work: Workload) -> dict:
     _, tokenizer = build_model(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=work.attention)
     kv_gib = max(0.25, 2.5 * work.completions * (work.tokens + 32) * 6 * 2 * 256 * 4 / 2**30)
-    engine = VLLMEngine(
-        path, max_model_len=work.tokens + 64, cpu_kv_cache_gib=kv_gib, seed=work.seed, dtype=generation_dtype(work)
+    engine_kwargs = dict(
+        max_model_len=work.tokens + 64, cpu_kv_cache_gib=kv_gib, seed=work.seed, dtype=generation_dtype(work)
     )
+    if work.lengths == "fixed":
+        engine = VLLMEngine(path, **engine_kwargs)
+    else:
+        engine = prescribed_engine(work, path, **engine_kwargs)
     setup_rss = rss_mb()
     clock = PhaseClock()
     trainer_class = timed_subclass(GRPOTrainer, clock, "logprobs_without_grad")
     original_generate, original_sync = trainer_class.generate, trainer_class.sync_engine
+
+    mismatches = [0]  # completions whose length is not the prescribed one
 
     def generate(self, rows):
         self.sync_engine()  # timed separately below
         start = now()
         out = original_generate(self, rows)
         clock.add("generation", start)
+        if work.lengths != "fixed":
+            made = [len(r.completion_ids) for g in out for r in g]
+            expected = prescribed_lengths(work, self.engine.generations - 1)
+            mismatches[0] += sum(a != b for a, b in zip(made, expected, strict=True))
         return out
 
     def sync_engine(self):
@@ -328,7 +497,12 @@ def run_ours(work: Workload) -> dict:
         model=model,
         args=TrainingArguments(**training_args(work, tempfile.mkdtemp(prefix="bench-ours-run-"))),
         config=GRPOConfig(
-            num_generations=work.generations, loss_type="dapo", beta=0.0, log_completions=False
+            num_generations=work.generations,
+            loss_type="dapo",
+            beta=0.0,
+            log_completions=False,
+            max_tokens_per_microbatch=work.ours_max_tokens_per_microbatch or None,
+            padding_free={"true": True, "false": False}.get(work.ours_padding_free, work.ours_padding_free),
         ),
         train_dataset=records(work),
         processing_class=tokenizer,
@@ -339,7 +513,17 @@ def run_ours(work: Workload) -> dict:
     )
     trainer.train()
     engine.close()
-    return summarise(clock, work, {"variant": "ours", "setup_rss_mb": setup_rss})
+    extra = {"variant": "ours", "setup_rss_mb": setup_rss, "length_mismatches": mismatches[0]}
+    if work.ours_max_tokens_per_microbatch:  # the last generation's chunks: how many, and their padded tokens
+        chunks = [c for micro in trainer._buffer for c in micro["chunks"]]
+        extra["chunks_per_step"] = len(chunks) / (trainer.steps_per_generation // trainer.args.gradient_accumulation_steps)
+        extra["padded_tokens_per_step"] = sum(
+            c["packed"]["input_ids"].shape[1] if "packed" in c
+            else c["completion_ids"].shape[0] * (c["prompt_ids"].shape[1] + c["completion_ids"].shape[1])
+            for c in chunks
+        ) / (trainer.steps_per_generation // trainer.args.gradient_accumulation_steps)
+        extra["padding_free"] = trainer.padding_free
+    return summarise(clock, work, extra)
 
 
 def trl_config(work: Workload, output_dir: str, **overrides):
@@ -349,7 +533,8 @@ def trl_config(work: Workload, output_dir: str, **overrides):
     fields.update(
         num_generations=work.generations,
         max_completion_length=work.tokens,
-        generation_kwargs={"min_new_tokens": work.tokens},  # exactly `tokens` new tokens
+        # exactly `tokens` new tokens; prescribed lengths: `force_generate_lengths`
+        generation_kwargs={"min_new_tokens": work.tokens} if work.lengths == "fixed" else None,
         temperature=1.0,
         top_p=1.0,
         top_k=0,
@@ -409,13 +594,26 @@ def run_trl(work: Workload) -> dict:
         processing_class=tokenizer,
         callbacks=[clock.callback()],
     )
+    mismatches, generations = [0], [0]  # completions whose length is not the prescribed one
+    if work.lengths != "fixed":
+        force_generate_lengths(model, work, trainer.eos_token_ids)
+        original_generate = trainer._generate
+
+        def checked_generate(prompts):
+            out = original_generate(prompts)
+            expected = prescribed_lengths(work, generations[0])
+            generations[0] += 1
+            mismatches[0] += sum(len(c) != n for c, n in zip(out[1], expected, strict=True))  # EOS included
+            return out
+
+        trainer._generate = checked_generate
     trainer.train()
     steps = work.warmup + work.steps
     phases = {
         name: statistics.median(values[-work.steps * len(values) // steps :] or values)
         for name, values in trl_phases.items()
     }
-    extra = {"variant": "trl", "setup_rss_mb": setup_rss, "trl_phases": phases}
+    extra = {"variant": "trl", "setup_rss_mb": setup_rss, "trl_phases": phases, "length_mismatches": mismatches[0]}
     # whether accelerate wrapped the model's forward (and so TRL's generate) in bf16 autocast
     extra["generate_autocast_bf16"] = bool(trainer.accelerator.native_amp and work.bf16)
     return summarise(clock, work, extra)
@@ -462,7 +660,10 @@ def run_trl_vllm(work: Workload) -> dict:
 
 def run_floor(work: Workload) -> dict:
     """transformers generate (before vLLM binds threads), then alternately: our engine's generate,
-    raw `LLM.generate` with the same parameters, and one plain forward/backward/AdamW of the batch."""
+    raw `LLM.generate` with the same parameters, and one plain forward/backward/AdamW of the batch.
+    With prescribed (variable) lengths: `run_floor_prescribed`."""
+    if work.lengths != "fixed":
+        return run_floor_prescribed(work)
     import torch
     from transformers import AutoModelForCausalLM
     from vllm.inputs import TokensPrompt
@@ -540,6 +741,107 @@ def run_floor(work: Workload) -> dict:
         "cpu_runs": {k: v[work.warmup :] for k, v in cpu_times.items()},
         "median": {**medians, "floor": medians["raw_generate"] + medians["train"]},
         "tokens_per_step": work.completions * work.tokens,
+        "peak_rss_mb": peak_rss_mb(),
+        **device_memory(device),
+    }
+
+
+def run_floor_prescribed(work: Workload) -> dict:
+    """The token-exact floor of a variable-length step: raw `LLM.generate` of the prescribed lengths
+    (and our engine's generate, alternating), then one forward/backward/AdamW over exactly the
+    non-pad tokens, two ways: length-bucketed right-padded micro-batches (`plan_microbatches`, at most
+    `max_tokens_per_microbatch` padded tokens each) and packed rows (at most `pack_tokens` tokens,
+    positions restarting per sequence, no attention mask: transformers keeps the sequences apart).
+    The faster of the two (by median) is `train`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from reasoning.data.templates import PlainTemplate, encode
+    from reasoning.rollout import Sampling
+    from reasoning.trainers.microbatch import plan_microbatches
+
+    path = tempfile.mkdtemp(prefix="bench-floor-")
+    _, tokenizer = build_model(path)
+    device = resolve_device(work)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=work.attention)
+    model.to(device)
+    template = PlainTemplate()
+    prompts = [encode(tokenizer, template.prior_prompt(r["question"])) for r in records(work)][: work.prompts]
+    sampling = Sampling(temperature=1.0, max_tokens=work.tokens, seed=work.seed, ignore_eos=True)
+    rounds = work.warmup + work.steps
+    keys = ("engine_generate", "raw_generate", "train_bucketed", "train_packed")
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    cpu_times: dict[str, list[float]] = {k: [] for k in keys}
+    padded_tokens: list[int] = []
+
+    def record(name: str, start: tuple[float, float]) -> None:
+        wall, process = now()
+        times[name].append(wall - start[0])
+        cpu_times[name].append(process - start[1])
+
+    kv_gib = max(0.25, 2.5 * work.completions * (work.tokens + 32) * 6 * 2 * 256 * 4 / 2**30)
+    engine = prescribed_engine(
+        work, path, max_model_len=work.tokens + 64, cpu_kv_cache_gib=kv_gib, seed=work.seed,
+        dtype=generation_dtype(work),
+    )  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=work.learning_rate)
+    model.train()
+    trained = torch.compile(model) if work.compile else model
+
+    def backward(ids, labels, tokens: int, total: int, **extra) -> None:
+        out = trained(input_ids=ids, labels=labels, use_cache=False, **extra)
+        (out.loss * tokens / total).backward()  # token-weighted: the mean over every token of the step
+
+    for generation in range(rounds):
+        start = now()
+        groups = engine.generate(prompts, sampling, work.generations)
+        record("engine_generate", start)
+        requests, params = prescribed_requests(work, engine, prompts, sampling, work.generations, None, generation)
+        start = now()
+        engine.llm.generate(requests, params, use_tqdm=False)
+        record("raw_generate", start)
+        rows = [r.prompt_ids + r.completion_ids for g in groups for r in g]
+        lengths = [len(r) for r in rows]
+        total = sum(n - 1 for n in lengths)  # predicted tokens
+        for mode in ("bucketed", "packed"):
+            packed = mode == "packed"
+            budget = work.pack_tokens if packed else work.max_tokens_per_microbatch
+            plan = plan_microbatches(lengths, budget, packed=packed)
+            start = now()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=work.bf16):
+                for micro in plan:
+                    if packed:
+                        ids = torch.tensor([t for i in micro.indices for t in rows[i]], device=device)[None]
+                        positions = torch.cat([torch.arange(lengths[i]) for i in micro.indices])[None].to(device)
+                        labels = ids.masked_fill(positions == 0, -100)  # no sequence predicts the next one's start
+                        backward(ids, labels, micro.tokens - len(micro.indices), total, position_ids=positions)
+                    else:
+                        ids = torch.zeros((len(micro.indices), micro.width), dtype=torch.long, device=device)
+                        mask = torch.zeros_like(ids)
+                        for k, i in enumerate(micro.indices):
+                            ids[k, : lengths[i]] = torch.tensor(rows[i], device=device)
+                            mask[k, : lengths[i]] = 1
+                        labels = ids.masked_fill(mask == 0, -100)
+                        backward(ids, labels, micro.tokens - len(micro.indices), total, attention_mask=mask)
+            optimizer.step()
+            optimizer.zero_grad()
+            record(f"train_{mode}", start)
+        padded_tokens.append(sum(m.cost for m in plan_microbatches(lengths, work.max_tokens_per_microbatch)))
+    engine.close()
+    runs = {k: v[work.warmup :] for k, v in times.items()}
+    cpu_runs = {k: v[work.warmup :] for k, v in cpu_times.items()}
+    fastest = min(("train_bucketed", "train_packed"), key=lambda k: statistics.median(runs[k]))
+    runs["train"], cpu_runs["train"] = runs[fastest], cpu_runs[fastest]
+    medians = {k: statistics.median(v) for k, v in runs.items()}
+    return {
+        "variant": "floor",
+        "workload": asdict(work),
+        "runs": runs,
+        "cpu_runs": cpu_runs,
+        "train_mode": fastest.removeprefix("train_"),
+        "median": {**medians, "floor": medians["raw_generate"] + medians["train"]},
+        "tokens_per_step": step_tokens(work),
+        "bucketed_padded_tokens": statistics.median(padded_tokens[work.warmup :]),
         "peak_rss_mb": peak_rss_mb(),
         **device_memory(device),
     }

@@ -227,7 +227,8 @@ def train_ltm(
 ):
     import torch
 
-    from reasoning.trainers.latent_thought import DualRateConfig, elbo_perplexity, make_latent_thought_trainer
+    from reasoning.models.latent_inference import elbo_perplexity
+    from reasoning.trainers.latent_thought import DualRateConfig, make_latent_thought_trainer
 
     model, tokenizer = build_ltm(args, latents)
     counts = flop_counts(model, latents)
@@ -288,7 +289,8 @@ def train_ar(args, records, heldout_texts, budget_flops, equal_token_step, targe
     from transformers import Trainer
 
     from reasoning.eval.latent_thought import token_perplexity
-    from reasoning.trainers.latent_thought import LatentThoughtCollator, document_texts, tokenize_texts
+    from reasoning.models.latent_inference import document_texts, tokenize_texts
+    from reasoning.trainers.latent_thought import LatentThoughtCollator
 
     model, tokenizer = build_ar(args, target_params)
     counts = flop_counts(model, 0)
@@ -358,15 +360,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from reasoning.data.synthetic import records_from_spec
     from reasoning.eval.latent_thought import few_shot_accuracy
-    from reasoning.models.tiny import build_char_tokenizer
-    from reasoning.trainers.latent_thought import (
-        DualRateConfig,
-        LatentThoughtCollator,
+    from reasoning.models.latent_inference import (
         document_texts,
         elbo_perplexity,
         fit_posterior,
         tokenize_texts,
     )
+    from reasoning.models.tiny import build_char_tokenizer
+    from reasoning.trainers.latent_thought import DualRateConfig, LatentThoughtCollator
 
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,11 @@ Sections (see docs/performance.md for the workloads and the targets):
 - `w2`: 4× the completions, 2× the length (ours and TRL).
 - `scaling`: our step at 32, 64, 128 and 256 completions of 128 tokens.
 - `w3`: 64 prompts × 8 samples × 256 tokens, then log-probs under two models (ours vs transformers).
+- `w4`: one GRPO step on variable lengths: 16 prompts × 8 completions whose lengths are prescribed per
+  step (log-normal, median 64, 10 % at the 512 cap): ours, TRL and the token-exact floor (raw
+  `LLM.generate` of those lengths + one fwd/bwd/AdamW over exactly the non-pad tokens).
 - `logprobs`: chunked log-probs vs naive full-vocabulary log_softmax at vocab 151,936.
+- `lora-sync`: LoRA weight sync into the colocated engine, adapter-only vs merge-and-sync (25M, r=16).
 
 Every measurement runs in its own process; ours and the peer alternate (ABAB) so that they share
 the machine's load. Reported: medians over all timed repetitions, with [min–max].
@@ -30,7 +34,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("trl-vllm", "w1", "w2", "scaling", "w3", "logprobs")
+SECTIONS = ("trl-vllm", "w1", "w2", "scaling", "w3", "w4", "logprobs", "lora-sync")
 
 
 def child(script: str, args: list[str], timeout: float = 3600) -> dict:
@@ -316,6 +320,41 @@ def section_w3(args, report: Report, data: dict) -> None:
     ratio_target(report, "W3: transformers peer / ours (≥2.5×)", totals["peer"], totals["ours"], 2.5)
 
 
+def section_w4(args, report: Report, data: dict) -> None:
+    work = args.w4
+    results = run_w1(args, report, "w4", work, ["ours", "trl", "floor"], args.rounds_w4)
+    data["w4"] = results
+    title = (
+        f"W4: {work['prompts']} prompts × {work['generations']} completions of prescribed lengths (log-normal, "
+        f"median {work['median_length']}, {100 * work['cap_share']:.0f} % at the {work['tokens']}-token cap; "
+        f"{results['floor'][0]['tokens_per_step']:.0f} completion tokens per step), one optimizer step per "
+        "generation; seconds per step"
+    )
+    totals = step_table(report, title, {"ours": results["ours"], "TRL 1.16": results["trl"]}, results["floor"])
+    floor = results["floor"]
+    runs = {k: [v for r in floor for v in r["runs"][k]] for k in floor[0]["runs"]}
+    mismatches = {v: sum(r.get("length_mismatches", 0) for r in results[v]) for v in ("ours", "trl")}
+    report.add(
+        f"\nFloor training pass (median s): length-bucketed micro-batches of ≤ {work['max_tokens_per_microbatch']} "
+        f"padded tokens {statistics.median(runs['train_bucketed']):.3f} "
+        f"({floor[0]['bucketed_padded_tokens']:.0f} padded tokens with prompts), packed rows of ≤ "
+        f"{work['pack_tokens']} tokens {statistics.median(runs['train_packed']):.3f}; the floor uses the faster. "
+        f"Generation: our engine {statistics.median(runs['engine_generate']):.3f} s, raw `LLM.generate` "
+        f"{statistics.median(runs['raw_generate']):.3f} s. Completions off their prescribed length: ours "
+        f"{mismatches['ours']}, TRL {mismatches['trl']}."
+    )
+    ours = [r for r in results["ours"] if "chunks_per_step" in r]
+    if ours:
+        report.add(
+            f"\nOurs with max_tokens_per_microbatch = {work['ours_max_tokens_per_microbatch']} (padding_free "
+            f"{ours[0]['padding_free']}): {statistics.median(r['chunks_per_step'] for r in ours):.0f} forward/backward "
+            f"chunks per optimizer step, {statistics.median(r['padded_tokens_per_step'] for r in ours):.0f} tokens "
+            "through the model per step (prompts and padding included)."
+        )
+    ratio_target(report, "W4 step: TRL / ours (≥1.8×)", totals["TRL 1.16"], totals["ours"], 1.8)
+    ratio_target(report, "W4 step: floor / ours (≥1/1.15 = 0.87)", totals["floor"], totals["ours"], 1 / 1.15)
+
+
 def section_logprobs(args, report: Report, data: dict) -> None:
     result = child("logprob_memory.py", [*workload_args(**args.logprobs), "--mode", "both"])
     data["logprobs"] = result
@@ -359,6 +398,25 @@ def section_trl_vllm(args, report: Report, data: dict) -> None:
         )
 
 
+def section_lora_sync(args, report: Report, data: dict) -> None:
+    """LoRA sync into the colocated engine: adapter-only vs merge-and-sync (`benchmarks/lora_sync.py`)."""
+    result = child("lora_sync.py", ["--size", "1m", "--repeats", "5"] if args.quick else ["--size", "25m"])
+    data["lora-sync"] = result
+    report.add(
+        f"\n### LoRA sync: tiny {result['model']}, r={result['rank']} on {', '.join(result['targets'])} "
+        f"({result['adapter_parameters'] / 1e6:.2f}M adapter parameters); ms, median of {result['repeats']} [min–max]\n"
+    )
+    report.add("| sync | per step | first sync | generation of the batch (s) |")
+    report.add("|---|---|---|---|")
+    for name, key in (("merge-and-sync", "merge"), ("adapter-only", "adapter")):
+        r = result[key]
+        report.add(
+            f"| {name} | {r['sync_s']['median'] * 1e3:.1f} [{r['sync_s']['min'] * 1e3:.1f}–{r['sync_s']['max'] * 1e3:.1f}] "
+            f"| {r['first_sync_s'] * 1e3:.1f} | {r['generate_s']['median']:.2f} |"
+        )
+    report.target("LoRA sync: merge / adapter-only (not a target)", f"{result['speedup']:.1f}×", None)
+
+
 def cpu_has_bf16() -> bool:
     """Whether the CPU multiplies bf16 natively (otherwise bf16 autocast is emulated and slower)."""
     try:
@@ -376,6 +434,11 @@ def configure(args: argparse.Namespace) -> None:
         args.scaling_prompts = [1, 2, 4]
         args.w3 = dict(prompts=4, samples=2, tokens=16, runs=1, **both)
         args.logprobs = dict(vocab=4096, hidden=64, batch=2, length=64, repeats=1)
+        args.w4 = dict(
+            prompts=2, generations=4, tokens=32, lengths="lognormal", median_length=8, cap_share=0.1, micro_batch=8,
+            steps=1, warmup=1, max_tokens_per_microbatch=256, pack_tokens=128, ours_max_tokens_per_microbatch=256,
+            **both,
+        )  # fmt: skip
         args.rounds = args.rounds or 1
     else:
         args.w1 = dict(prompts=8, generations=8, tokens=128, micro_batch=64, steps=2, warmup=2, **both)
@@ -384,9 +447,18 @@ def configure(args: argparse.Namespace) -> None:
         args.scaling_prompts = [4, 8, 16, 32]
         args.w3 = dict(prompts=64, samples=8, tokens=256, runs=1, **both)
         args.logprobs = dict(vocab=151_936, hidden=256, batch=4, length=512, repeats=3)
+        # micro-batch 32 (4 accumulation steps): the padded trainers' eager attention keeps rows × 4 × 525² floats
+        # per layer; the floor buckets by ≤ 2048 padded tokens (12 % over the real ones) and packs rows of ≤ 1024;
+        # ours takes the same budget (GRPOConfig.max_tokens_per_microbatch; padding_free auto: bucketed on CPU)
+        args.w4 = dict(
+            prompts=16, generations=8, tokens=512, lengths="lognormal", median_length=64, cap_share=0.1,
+            micro_batch=32, steps=2, warmup=2, max_tokens_per_microbatch=2048, pack_tokens=1024,
+            ours_max_tokens_per_microbatch=2048, **both,
+        )  # fmt: skip
         args.rounds = args.rounds or 3
     args.rounds_w2 = args.rounds_w2 or 1
     args.rounds_w3 = args.rounds_w3 or 1
+    args.rounds_w4 = args.rounds_w4 or (1 if args.quick else 3)
     args.rounds_scaling = args.rounds_scaling or 1
 
 
@@ -397,6 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=0, help="W1 processes per variant (default 3)")
     parser.add_argument("--rounds-w2", type=int, default=0, help="W2 processes per variant (default 1)")
     parser.add_argument("--rounds-w3", type=int, default=0, help="W3 processes per variant (default 1)")
+    parser.add_argument("--rounds-w4", type=int, default=0, help="W4 processes per variant (default 3)")
     parser.add_argument("--rounds-scaling", type=int, default=0, help="processes per scaling size (default 1)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 for both trainers: training-step autocast, and generation (our vLLM "

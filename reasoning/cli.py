@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
+
+from reasoning.report import ReportError, write_report
 
 app = typer.Typer(
     help="Train the reasoning of language models with variational and Bayesian objectives.",
@@ -155,11 +160,6 @@ def demo(
 ) -> None:
     """The embedded default: tiny model -> SFT warm-up on a flawed teacher's solutions -> GRPO with
     colocated vLLM rollouts -> greedy held-out accuracy after each stage."""
-    import json
-    import time
-
-    from rich.table import Table
-
     from reasoning.recipes import RecipeError, load_recipe, run
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -204,8 +204,6 @@ def demo(
     total = time.monotonic() - start
     console.print(f"total {total:.0f} s; run directory {run_dir}")
     (run_dir / "summary.json").write_text(json.dumps({"stages": record, "seconds": total}, indent=2))
-    from reasoning.report import write_report
-
     page = write_report([run_dir / name for name, _, _ in stages], run_dir / "report.html")
     console.print(f"report (curves, evaluation, completions): {page}")
 
@@ -221,8 +219,6 @@ def report(
     max_completions: int = typer.Option(1000, help="Completions shown per completions/samples file."),
 ) -> None:
     """Write one self-contained HTML page of a run: curves, timing, evaluation tables, completions."""
-    from reasoning.report import ReportError, write_report
-
     if output is None:
         output = run_dirs[0] / "report.html" if len(run_dirs) == 1 else Path("report.html")
     try:

@@ -375,11 +375,34 @@ def to_records(problems: list[Problem], task: AdditionTask | CountdownTask) -> l
     ]
 
 
+def is_traced(question: str, share: float) -> bool:
+    """Whether a question keeps its reference trace when only a `share` of them do (a stable hash)."""
+    return zlib.crc32(f"traced:{question}".encode()) < share * 2**32
+
+
 def records_from_spec(spec: str) -> list[dict[str, Any]]:
-    """Records for "TASK?settings&n=N&seed=S&split=train|test|all" (defaults n=1000, seed=0, all)."""
+    """Records for "TASK?settings&n=N&seed=S&split=train|test|all" (defaults n=1000, seed=0, all).
+
+    `traced=p` makes answers-only supervision: a share p of the questions (chosen by a hash of the
+    question) keep their reference trace (`traced` True); the others carry only the question and its
+    correct answer (`solution` ""; with `forget_carry`, the true sum rather than the flawed
+    teacher's, since a flawed teacher is one that writes traces).
+    """
     name, settings = parse_spec(spec)
     n = int(settings.pop("n", 1000))
     seed = int(settings.pop("seed", 0))
     split = str(settings.pop("split", "all"))
+    traced = settings.pop("traced", None)
     task = make_task(name, **settings)
-    return to_records(task.generate(n, seed=seed, split=split), task)
+    records = to_records(task.generate(n, seed=seed, split=split), task)
+    if traced is None:
+        return records
+    if not 0.0 <= float(traced) <= 1.0:
+        raise ValueError(f"traced is the share of questions with a reference trace, in [0, 1]; got {traced}")
+    for record in records:
+        record["traced"] = is_traced(record["question"], float(traced))
+        if not record["traced"]:
+            record["solution"] = ""
+            if isinstance(task, AdditionTask):
+                record["answer"] = str(record["a"] + record["b"])
+    return records

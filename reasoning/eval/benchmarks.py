@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datasets import load_dataset
+
+from reasoning.data.synthetic import records_from_spec
 from reasoning.rewards.math import answer_letter, grade, last_boxed
+from reasoning.rewards.verifier import is_correct
 
 Record = dict[str, Any]
 
@@ -85,8 +89,6 @@ def _synthetic_loader(spec: str, distinct: int | None = None) -> Callable[[int |
     """Records of a synthetic spec; with `distinct`, the first that many distinct questions of it."""
 
     def load(limit: int | None) -> list[Record]:
-        from reasoning.data.synthetic import records_from_spec
-
         records = records_from_spec(spec)
         if distinct is not None:
             firsts = {r["question"]: r for r in reversed(records)}  # the first occurrence wins
@@ -97,9 +99,22 @@ def _synthetic_loader(spec: str, distinct: int | None = None) -> Callable[[int |
 
 
 def _synthetic_grade(response: str, record: Record) -> bool:
-    from reasoning.rewards.verifier import is_correct
-
     return is_correct(response, record)
+
+
+def synthetic_benchmark(name: str, spec: str, distinct: int | None = None) -> Benchmark:
+    """The held-out problems of an embedded task (`records_from_spec(spec)`; with `distinct`, the first
+    that many distinct questions), graded by the task's verifier, with a 64-token answer budget."""
+    return Benchmark(
+        name,
+        None,
+        _field("question"),
+        _field("answer"),
+        _field("solution"),
+        loader=_synthetic_loader(spec, distinct),
+        grader=_synthetic_grade,
+        max_tokens=64,
+    )
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -163,39 +178,14 @@ BENCHMARKS: dict[str, Benchmark] = {
         max_tokens=2048,
     ),
     # Held-out problems of the embedded tasks (the test split never appears in training data).
-    "addition": Benchmark(
-        "addition",
-        None,
-        _field("question"),
-        _field("answer"),
-        _field("solution"),
-        loader=_synthetic_loader("addition?digits=3&n=200&seed=12345&split=test"),
-        grader=_synthetic_grade,
-        max_tokens=64,
-    ),
-    "countdown": Benchmark(
-        "countdown",
-        None,
-        _field("question"),
-        _field("answer"),
-        _field("solution"),
-        loader=_synthetic_loader("countdown?n_numbers=3&n=200&seed=12345&split=test"),
-        grader=_synthetic_grade,
-        max_tokens=64,
-    ),
+    "addition": synthetic_benchmark("addition", "addition?digits=3&n=200&seed=12345&split=test"),
+    "countdown": synthetic_benchmark("countdown", "countdown?n_numbers=3&n=200&seed=12345&split=test"),
     # the small-number countdown the demo recipes train on (numbers 1-9, targets up to 30)
-    "countdown_easy": Benchmark(
+    # (a small problem space: draw 400 and keep the first 200 distinct questions)
+    "countdown_easy": synthetic_benchmark(
         "countdown_easy",
-        None,
-        _field("question"),
-        _field("answer"),
-        _field("solution"),
-        # a small problem space: draw 400 and keep the first 200 distinct questions
-        loader=_synthetic_loader(
-            "countdown?n_numbers=3&max_number=9&max_target=30&n=400&seed=12345&split=test", distinct=200
-        ),
-        grader=_synthetic_grade,
-        max_tokens=64,
+        "countdown?n_numbers=3&max_number=9&max_target=30&n=400&seed=12345&split=test",
+        distinct=200,
     ),
 }
 
@@ -281,8 +271,6 @@ def _hub_rows(bench: Benchmark) -> tuple[list[Record], str]:
         raise ValueError(f"benchmark {bench.name!r} has no hub location; load it from its local file")
     dataset, config, split = bench.hub
     where = f"{dataset}" + (f" (config {config})" if config else "") + f", split {split}"
-    from datasets import load_dataset
-
     try:
         rows = list(load_dataset(dataset, config, split=split))
     except Exception as err:  # offline, unknown dataset, renamed split: all mean "no hub copy"

@@ -30,6 +30,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from transformers import AutoConfig, AutoTokenizer
 
 from reasoning.data.templates import Template, encode, template_for
 from reasoning.eval.benchmarks import BENCHMARKS, benchmark_origin, load_benchmark
@@ -78,8 +79,6 @@ def engine_tokenizer(engine: str | RolloutEngine, model_path: str):
     before any engine, to measure prompts)."""
     if not isinstance(engine, str):
         return engine.tokenizer
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
@@ -105,8 +104,6 @@ def _model_context(engine: str | RolloutEngine, model_path: str, tokenizer) -> t
     """`context_length` of the evaluated model: from a ready engine's live model, else the checkpoint."""
     config = getattr(getattr(engine, "model", None), "config", None)
     if config is None:
-        from transformers import AutoConfig
-
         try:
             config = AutoConfig.from_pretrained(model_path)
         except (OSError, ValueError):  # not a transformers checkpoint: the engine reports it when it loads

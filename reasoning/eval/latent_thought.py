@@ -1,6 +1,6 @@
 """Evaluation of latent thought models: ELBO perplexity bound, few-shot accuracy by posterior inference.
 
-- `elbo_perplexity` (in `reasoning.trainers.latent_thought`) fits q(z|x) to each held-out text and
+- `elbo_perplexity` (in `reasoning.models.latent_inference`) fits q(z|x) to each held-out text and
   reports two upper bounds, never the perplexity itself: `perplexity_upper_bound` = exp(Σ NELBO /
   Σ tokens) (the corpus convention) and `perplexity_sequence_mean` = mean over texts of
   exp(NELBO(x) / N_x) (the convention of the latent thought models' reference code).
@@ -21,18 +21,15 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from reasoning.data.templates import PlainTemplate
 from reasoning.eval.metrics import pass_at_k
-from reasoning.objectives.latent import perplexity_sequence_mean, reconstruction_nll
-from reasoning.objectives.logprobs import token_logprobs_from_logits
-from reasoning.rewards.verifier import is_correct
-from reasoning.trainers.latent_thought import (
-    DualRateConfig,
+from reasoning.models.latent_inference import (
+    LatentInferenceConfig,
     document_texts,
     elbo_perplexity,
     generate_with_inference,
@@ -41,6 +38,12 @@ from reasoning.trainers.latent_thought import (
     scored_token_mask,
     tokenize_texts,
 )
+from reasoning.objectives.latent import perplexity_sequence_mean, reconstruction_nll
+from reasoning.objectives.logprobs import token_logprobs_from_logits
+from reasoning.rewards.verifier import is_correct
+
+if TYPE_CHECKING:  # the trainer layer imports this module; a type only
+    from reasoning.trainers.latent_thought import DualRateConfig
 
 Record = dict[str, Any]
 
@@ -93,7 +96,7 @@ def decode_prompts(
     prompts: list[str],
     *,
     infer: bool = True,
-    config: DualRateConfig | None = None,
+    config: LatentInferenceConfig | None = None,
     num_inits: int | None = None,
     steps: int | None = None,
     max_new_tokens: int = 48,
@@ -104,7 +107,7 @@ def decode_prompts(
     to the prompt (`generate_with_inference`), or one plain greedy decode (z = 0 for a latent model)
     when `infer` is False or the model has no latents. Returns texts [P][K] and prompt NELBOs [P][K]
     (None without inference)."""
-    config = config or DualRateConfig()
+    config = config or LatentInferenceConfig()
     infer = infer and has_latents(model)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -148,7 +151,7 @@ def few_shot_accuracy(
     shots: int,
     *,
     infer: bool = True,
-    config: DualRateConfig | None = None,
+    config: LatentInferenceConfig | None = None,
     num_inits: int | None = None,
     steps: int | None = None,
     max_new_tokens: int = 48,
@@ -158,7 +161,7 @@ def few_shot_accuracy(
 ) -> dict[str, Any]:
     """Few-shot accuracy on `questions` (records with question, answer and, for synthetic tasks, task):
     `shots` demonstrations per prompt drawn from `demonstrations`; see the module docstring."""
-    config = config or DualRateConfig()
+    config = config or LatentInferenceConfig()
     start = time.monotonic()
     demos = choose_demonstrations(demonstrations, len(questions), shots, seed)
     prompts = [few_shot_prompt(d, str(q["question"])) for d, q in zip(demos, questions)]
@@ -244,7 +247,7 @@ def evaluate_latent_thought(
     tokenizer: PreTrainedTokenizerBase,
     heldout: Sequence[Record],
     demonstrations: Sequence[Record],
-    config: DualRateConfig | None = None,
+    config: DualRateConfig,
     *,
     seed: int = 0,
     batch_size: int = 16,
@@ -255,8 +258,8 @@ def evaluate_latent_thought(
     records written as training documents
     (`config.examples_per_text` per text); `few_shot` — `config.shots`-shot accuracy with q(z|prompt)
     fitted from `config.num_inits` initialisations; `few_shot_prior_z` — the same prompts decoded
-    with z = 0 (no inference), the baseline that shows what inference adds."""
-    config = config or DualRateConfig()
+    with z = 0 (no inference), the baseline that shows what inference adds. `config` is the recipe's
+    `latent_thought:` section (`reasoning.trainers.latent_thought.DualRateConfig`)."""
     heldout = list(heldout)
     texts = document_texts(heldout, config.examples_per_text)
     rows = tokenize_texts(texts, tokenizer, max_length=10**9)["input_ids"]

@@ -1,7 +1,9 @@
-"""Evaluation metrics over n samples per problem: avg@k, unbiased pass@k, maj@k."""
+"""Evaluation metrics over n samples per problem: avg@k, unbiased pass@k, maj@k; and the diversity of
+one problem's samples (`distinct_correct`, `pairwise_diversity`)."""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 
 
@@ -31,7 +33,8 @@ def avg_at_k(correct: Sequence[bool]) -> float:
     return sum(bool(c) for c in correct) / len(correct)
 
 
-def _normalise(answer: str) -> str:
+def answer_key(answer: str) -> str:
+    """The form in which answers are compared and counted (whitespace removed)."""
     return "".join(str(answer).split())
 
 
@@ -39,7 +42,7 @@ def maj_at_k(
     answers: Sequence[str | None],
     correct: Sequence[bool],
     k: int | None = None,
-    key: Callable[[str], str] = _normalise,
+    key: Callable[[str], str] = answer_key,
 ) -> float:
     """Majority vote over the first k samples: 1.0 if the most frequent answer is correct.
 
@@ -78,3 +81,24 @@ def summarize(per_problem: list[list[bool]], ks: Sequence[int] = (1,)) -> dict[s
         if k <= n:
             out[f"pass@{k}"] = sum(pass_at_k(len(c), sum(c), k) for c in per_problem) / len(per_problem)
     return out
+
+
+def distinct_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> int:
+    """Number of distinct answers (by `answer_key`) among the correct samples of one problem."""
+    return len({answer_key(a) for a, ok in zip(answers, correct) if ok and a is not None})
+
+
+def pairwise_diversity(texts: Sequence[str]) -> float:
+    """1 − mean pairwise similarity of the texts (difflib ratio, 1 = identical); 0 with fewer than 2.
+
+    A character-level stand-in for the methods file's sentence-embedding cosine similarity (no
+    embedding model is available offline); 0 means all samples are identical.
+    """
+    if len(texts) < 2:
+        return 0.0
+    total, pairs = 0.0, 0
+    for i in range(len(texts)):
+        for j in range(i + 1, len(texts)):
+            total += difflib.SequenceMatcher(None, texts[i], texts[j], autojunk=False).ratio()
+            pairs += 1
+    return 1.0 - total / pairs

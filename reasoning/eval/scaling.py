@@ -7,8 +7,8 @@ answer log-likelihood
 
     ℓ(a | x, z) = (1/|a|) Σ_t log π(a_t | x, z, a_<t)
 
-over the answer's own tokens (with the template's answer suffix and EOS, as `templates.scoring_ids`
-lays them out), the three selectors are:
+over the answer's own tokens (with the template's answer suffix and EOS: `templates.answer_layout`
+with `score_eos=True`), the three selectors are:
 
 - `majority`: the most frequent a_i (ties: the one seen first);
 - `bon` (best-of-N ranked by answer likelihood): a_{i*} with i* = argmax_i ℓ(a_i | x, z_i);
@@ -18,12 +18,12 @@ lays them out), the three selectors are:
 
 Scores come from a transformers model (the evaluated checkpoint); rationales from any rollout
 engine. Results at every N in `ns` reuse the first N of the same max(ns) samples.
-Also here: the diversity metrics of a group of samples (`distinct_correct`, `pairwise_diversity`).
+The diversity metrics of a group of samples (`distinct_correct`, `pairwise_diversity`) and the answer
+key (`answer_key`) are `reasoning.eval.metrics`'.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import time
 from collections.abc import Sequence
@@ -33,8 +33,10 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
+from transformers import AutoModelForCausalLM
 
-from reasoning.data.templates import Template, encode, scoring_ids, template_for
+from reasoning.data.templates import Template, answer_layout, encode, template_for
+from reasoning.eval.benchmarks import BENCHMARKS, Benchmark, load_benchmark, synthetic_benchmark
 from reasoning.eval.evaluate import (
     check_engine_lengths,
     engine_settings,
@@ -46,7 +48,8 @@ from reasoning.eval.evaluate import (
     sample_batches,
     start_results,
 )
-from reasoning.models.scoring import span_token_logprobs
+from reasoning.eval.metrics import answer_key, distinct_correct, pairwise_diversity
+from reasoning.models.scoring import answer_logprobs
 from reasoning.rollout import RolloutEngine, Sampling
 from reasoning.rollout.hf import choose_device
 
@@ -54,11 +57,6 @@ METHODS = ("bin", "bon", "majority")
 
 
 # --------------------------------------------------------------------------- small pieces
-
-
-def answer_key(answer: str) -> str:
-    """The form in which answers are compared and counted (whitespace removed)."""
-    return "".join(str(answer).split())
 
 
 def find_first(ids: Sequence[int], pattern: Sequence[int]) -> int:
@@ -80,27 +78,6 @@ def rationale_ids(
     ids = [t for t in completion_ids if t not in set(stop_ids)]
     cut = find_first(ids, marker_ids)
     return ids[:cut] if cut >= 0 else ids
-
-
-def distinct_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> int:
-    """Number of distinct (by `answer_key`) answers among the correct samples of one prompt."""
-    return len({answer_key(a) for a, ok in zip(answers, correct) if ok and a is not None})
-
-
-def pairwise_diversity(texts: Sequence[str]) -> float:
-    """1 − mean pairwise similarity of the texts (difflib ratio, 1 = identical); 0 with fewer than 2.
-
-    A character-level stand-in for the methods file's sentence-embedding cosine similarity (no
-    embedding model is available offline); 0 means all samples are identical.
-    """
-    if len(texts) < 2:
-        return 0.0
-    total, pairs = 0.0, 0
-    for i in range(len(texts)):
-        for j in range(i + 1, len(texts)):
-            total += difflib.SequenceMatcher(None, texts[i], texts[j], autojunk=False).ratio()
-            pairs += 1
-    return 1.0 - total / pairs
 
 
 def select_majority(keys: Sequence[str | None]) -> int | None:
@@ -151,52 +128,25 @@ def answer_loglik(
     """ℓ(a | x, z) for each (rationale ids z, answer a): mean log-prob of the answer's own tokens."""
     if not pairs:
         return []
-    laid_out = [scoring_ids(template, tokenizer, list(prompt_ids), list(z), a) for z, a in pairs]
+    laid_out = [answer_layout(template, tokenizer, prompt_ids, z, a, score_eos=True) for z, a in pairs]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    logps = span_token_logprobs(
-        model,
-        [s.ids for s in laid_out],
-        [s.answer_start for s in laid_out],
-        pad_id=pad,
-        batch_size=batch_size,
-    )
-    return [float(lp.mean()) if len(lp) else -float("inf") for lp in logps]
+    scored = answer_logprobs(model, laid_out, pad_id=pad, batch_size=batch_size)
+    return [float(logp[mask].mean()) for logp, mask in zip(scored.answer, scored.answer_mask)]
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def resolve_benchmark(name: str):
+def resolve_benchmark(name: str) -> Benchmark:
     """A named benchmark, or `synthetic:SPEC` (e.g. `synthetic:countdown?max_number=9&n=200&split=test`):
     the held-out problems of an embedded task with its own settings, graded by its verifier."""
-    from reasoning.eval.benchmarks import BENCHMARKS, Benchmark
-
     if not name.startswith("synthetic:"):
         if name not in BENCHMARKS:
             raise ValueError(
                 f"unknown benchmark {name!r}; available: {', '.join(sorted(BENCHMARKS))} or synthetic:SPEC"
             )
         return BENCHMARKS[name]
-    from reasoning.data.synthetic import records_from_spec
-    from reasoning.rewards.verifier import is_correct
-
-    spec = name.removeprefix("synthetic:")
-
-    def load(limit: int | None) -> list[dict[str, Any]]:
-        records = records_from_spec(spec)
-        return records[:limit] if limit is not None else records
-
-    field = lambda key: lambda row: str(row.get(key, ""))  # noqa: E731
-    return Benchmark(
-        name,
-        None,
-        field("question"),
-        field("answer"),
-        field("solution"),
-        loader=load,
-        grader=is_correct,
-        max_tokens=64,
-    )
+    return synthetic_benchmark(name, name.removeprefix("synthetic:"))
 
 
 def _powers(n: int) -> list[int]:
@@ -250,8 +200,6 @@ def scaling_eval(
     `answer_max_tokens` added after each rationale; a vLLM engine opened here is sized to hold them.
     `device`: where the hf engine or the scorer loaded here runs (default `choose_device()`).
     """
-    from reasoning.eval.benchmarks import load_benchmark
-
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown scaling method(s) {unknown}; choose from {', '.join(METHODS)}")
@@ -290,8 +238,6 @@ def scaling_eval(
         if scorer is None:
             scorer = getattr(engine, "model", None)
             if not isinstance(scorer, torch.nn.Module):
-                from transformers import AutoModelForCausalLM
-
                 scorer = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
                 scorer.to(scorer_device or choose_device())
         scorer.eval()

@@ -8,10 +8,10 @@ layer, `latents [B, L, n, d]`, with the fixed prior p(z) = N(0, I). Every block 
     x ← x + MLP(norm₃ x)                 SwiGLU
 
 so p_β(x|z) = Π_t p_β(x_t | x_<t, z) is an ordinary autoregressive model given z. The model does
-not infer z: `reasoning.trainers.latent_thought.fit_posterior` fits q(z|x) = N(μ, diag σ²) per
+not infer z: `reasoning.models.latent_inference.fit_posterior` fits q(z|x) = N(μ, diag σ²) per
 sequence, and decoding uses `model.generate(input_ids, latents=z, ...)`.
 
-Choices made here (see `methods/latent_thought.md`): self-attention positions are RoPE (default)
+Choices made here (see `docs/methods/latent_thought.md`): self-attention positions are RoPE (default)
 or learned absolute embeddings; the keys of z carry no position (the reference code gives them
 RoPE positions spread over the sequence); with `sliding_window = W` a token attends to itself
 and the W − 1 tokens before it, so information from further back can only arrive through z.
@@ -38,6 +38,8 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from reasoning.models.tiny import build_char_tokenizer, save_checkpoint
 
 POSITION_EMBEDDINGS = ("rope", "learned")
 
@@ -456,8 +458,6 @@ def build_latent_thought_checkpoint(
     """A fresh model for the character tokenizer of `reasoning.models.tiny` (vocabulary, pad and EOS
     ids taken from it), saved with the tokenizer to `path` if given, like `build_tiny_model`.
     `config` holds `LatentThoughtConfig` fields (`RECIPE_FIELDS`); an unknown one is a ValueError."""
-    from reasoning.models.tiny import build_char_tokenizer
-
     unknown = sorted(set(config) - set(RECIPE_FIELDS))
     if unknown:
         raise ValueError(
@@ -472,10 +472,7 @@ def build_latent_thought_checkpoint(
         **config,
     )
     if path is not None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        save_checkpoint(model, tokenizer, path)
     return model, tokenizer
 
 

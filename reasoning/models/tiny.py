@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+from transformers import (
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2Tokenizer,
+)
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -112,11 +119,16 @@ def build_tiny_model(
     torch.random.set_rng_state(generator_state)
     model.generation_config = GenerationConfig(eos_token_id=1, pad_token_id=0, do_sample=False)
     if path is not None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        save_checkpoint(model, tokenizer, path)
     return model, tokenizer
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
+    """Save `model` and `tokenizer` to the folder `path` (created if missing), loadable with `from_pretrained`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

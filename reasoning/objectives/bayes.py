@@ -461,3 +461,130 @@ def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     shifted = log_weights - peak  # maximum 0: no cancellation between the two log-sum-exps
     return torch.exp(2 * torch.logsumexp(shifted, dim=-1) - torch.logsumexp(2 * shifted, dim=-1))
+
+
+# ------------------------------------------------------------------------- the trainer's estimators
+
+
+def configured_log_target(
+    target: str,
+    log_base: torch.Tensor,
+    reward: torch.Tensor,
+    *,
+    beta: float,
+    threshold: float,
+    features: torch.Tensor | None = None,
+    lambdas: torch.Tensor | None = None,
+    with_constraint: bool = False,
+) -> torch.Tensor:
+    """log P(x) `[N]` of a `bayes:` target from log a(x) `[N]`, the combined reward r `[N]` and φ `[N, M]`.
+
+    `tilt`: log a + r/β (`log_target`); `pointwise`: log a + log b with b = 1[r ≥ `threshold`]
+    (`pointwise_log_target`); `moments`: log a + λ·φ (`moment_log_target`), on top of log b when
+    `with_constraint` (the moments of the constrained distribution a·b).
+    """
+    if target == "tilt":
+        return log_target(log_base, reward, beta)
+    if target == "pointwise" or with_constraint:
+        log_base = pointwise_log_target(log_base, reward >= threshold)
+    if target == "pointwise":
+        return log_base
+    if target != "moments" or features is None or lambdas is None:
+        raise ValueError(f"target {target!r}: tilt, pointwise, or moments with features and lambdas")
+    return moment_log_target(log_base, features, lambdas)
+
+
+def fit_conditional_moment_lambdas(
+    features: torch.Tensor,
+    log_base_minus_log_proposal: torch.Tensor,
+    index: torch.Tensor,
+    target_moments: torch.Tensor,
+    max_iter: int = 200,
+) -> torch.Tensor:
+    """λ `[M]` with mean_c Ê_{p_λ(·|c)}[φ] = μ̄ for conditional targets p_λ(x|c) ∝ a(x|c)·exp(λ·φ(x)).
+
+    `features [N, M]`, `log_base_minus_log_proposal [N]`, context `index [N]`, `target_moments [M]`.
+    Minimises the convex dual mean_c log Ẑ_c(λ) − λ·μ̄ (its gradient is the mean over contexts of the
+    self-normalised moments minus μ̄) with L-BFGS in float64; contexts without any sample of positive
+    weight are left out. One context reduces to `fit_moment_lambdas`.
+    """
+    phi = features.double()
+    log_w0 = log_base_minus_log_proposal.double()
+    mu = torch.as_tensor(target_moments, dtype=torch.float64).reshape(-1)
+    num = int(index.max()) + 1
+    has_mass = group_log_mean_exp(log_w0, index, num).isfinite()
+    lam = torch.zeros(phi.shape[-1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [lam],
+        lr=1,
+        max_iter=max_iter,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        shifted = torch.where(log_w0.isfinite(), log_w0 + phi @ lam, log_w0)
+        dual = group_log_mean_exp(shifted, index, num)[has_mass].mean() - lam @ mu
+        dual.backward()
+        return dual
+
+    optimizer.step(closure)
+    return lam.detach()
+
+
+def gdcpp_coefficient(divergence: str, reward: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """The GDC++ baseline's c = E_π[r_f] per context, `reward [..., N]`, `ratio [..., N]` -> `[...]`.
+
+    `reward` is the pseudo-reward R = (π/q)·r_f of a context's N samples x_i ~ q and `ratio` their π/q;
+    c = Σ_i R_i / Σ_i (π/q)_i is the self-normalised IS estimate of E_π[r_f], and the baseline enters
+    the advantage as c·π/q (`baselined_advantage`). For fkl r_f = p/π and E_π[p/π] = 1 exactly, so
+    c = 1 (Korbak et al. 2022's Z·π/q in units of p/q).
+    """
+    if divergence == "fkl":
+        return torch.ones(reward.shape[:-1], dtype=torch.float64)
+    return reward.sum(-1) / ratio.sum(-1)
+
+
+def windowed_mean(window: list[float], values: list[float], size: int) -> tuple[list[float], float | None]:
+    """naver/disco's windowed moving average: (the last `size` of `window + values`, their mean).
+
+    The moving-average baseline b of r_f: the trainer uses the mean of the window *before* a batch
+    joins it (None while the window is empty), so b never depends on the samples it multiplies.
+    """
+    kept = (window + values)[-size:]
+    return kept, (sum(kept) / len(kept) if kept else None)
+
+
+def add_log_z_estimates(
+    history: dict[str, list[tuple[float, float]]],
+    entries: list[tuple[str, float, float]],
+    window: int = 0,
+) -> None:
+    """Add batch estimates (key, log Ẑ, sample count) to the running per-key `history`, in place.
+
+    Estimates of one key from one call are pooled into one entry (`pool_log_means`: the log Ẑ of their
+    samples together). `window` > 0 keeps the key's last `window` entries (a windowed Ẑ); 0 pools the
+    whole history into one entry (every sample so far). `pooled_log_z` reads a key's estimate.
+    """
+    merged: dict[str, list[tuple[float, float]]] = {}
+    for key, value, count in entries:
+        merged.setdefault(key, []).append((value, count))
+    for key, parts in merged.items():
+        if len(parts) > 1:
+            parts = [(float(pooled_log_z(parts)), float(sum(n for _, n in parts)))]
+        kept = history.setdefault(key, [])
+        kept.append(parts[0])
+        if window:
+            del kept[:-window]
+        elif len(kept) > 1:
+            kept[:] = [(float(pooled_log_z(kept)), sum(n for _, n in kept))]
+
+
+def pooled_log_z(history: list[tuple[float, float]]) -> torch.Tensor:
+    """log Ẑ `[]` (float64) of (log Ẑ, sample count) entries pooled (`pool_log_means`)."""
+    return pool_log_means(
+        torch.tensor([v for v, _ in history], dtype=torch.float64),
+        torch.tensor([n for _, n in history], dtype=torch.float64),
+    )

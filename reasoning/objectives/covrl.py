@@ -1,6 +1,6 @@
 """CoVRL — Coupled Variational RL (Wen et al., arXiv 2512.12576): composite prior/posterior objectives.
 
-Notation (see `methods/covrl.md`): x question, y* reference answer, z thinking trace. One set of
+Notation (see `docs/methods/covrl.md`): x question, y* reference answer, z thinking trace. One set of
 weights plays three roles by prompt template: prior p_φ(z|x) (question only), posterior
 q_ψ(z|x, y*) (reference answer in the prompt) and decoder p_θ(y*|x, z). The composite
 distribution mixes prior and posterior token by token,
@@ -22,10 +22,12 @@ sampled each trajectory. All functions are pure: no I/O, no model calls.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from reasoning.objectives.policy import clipped_surrogate, kl_estimate, weighted_nll
+from reasoning.objectives.variational import normalized_weights
 
 
 def _check_probability(name: str, value: float) -> None:
@@ -243,3 +245,85 @@ def selective_nll(
     selected = selected.bool()
     safe = torch.where(selected.unsqueeze(-1), prior_logp, torch.zeros_like(prior_logp))
     return coef * weighted_nll(safe, mask, selected.to(prior_logp.dtype))
+
+
+def decoder_weights(
+    reward: str,
+    rewards: torch.Tensor,
+    answer_logp: torch.Tensor,
+    answer_mask: torch.Tensor,
+    truncated: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """Per-sample weights w_i of the decoder term −w_i log p(y*|x, z_i), `[N]` (0 for truncated samples
+    and for samples without a reward, NaN: e.g. an excluded missing marker).
+
+    `verifree`: w = R, since ∇E[p(y*|x, z)] = E[p ∇log p]; `jepo`: w = G ρ̃_i with ρ̃ the softmax of
+    log p(y*|x, z) over the group (∇ log (1/G) Σ_i p_i = Σ_i ρ̃_i ∇ log p_i); otherwise 1 (the ELBO's
+    decoder gradient E[∇ log p(y*|x, z)]). `answer_logp`, `answer_mask` `[N, A]`, rows group by group.
+    """
+    off = truncated.bool() | torch.isnan(rewards)
+    if reward == "verifree":
+        weights = torch.nan_to_num(rewards, nan=0.0)
+    elif reward == "jepo":
+        log_likelihood = (answer_logp * answer_mask.to(answer_logp.dtype)).sum(dim=-1)
+        log_likelihood = torch.where(off, torch.full_like(log_likelihood, -math.inf), log_likelihood)
+        grouped = log_likelihood.view(-1, group_size)
+        weights = torch.nan_to_num(normalized_weights(grouped) * group_size, nan=0.0).reshape(-1)
+    else:
+        weights = torch.ones_like(rewards)
+    return torch.where(off, torch.zeros_like(weights), weights)
+
+
+class CompositeTerms(NamedTuple):
+    """`composite_policy_terms`' output: per-token `[B, T]` tensors and the clip statistics."""
+
+    composite: torch.Tensor  # log p′_θ
+    behaviour: torch.Tensor  # log p_beh,old (the sampler's old log-prob)
+    surrogate: torch.Tensor  # clipped surrogate loss per token
+    kl: torch.Tensor  # KL(p′ ‖ p_φ) estimator per token (0 when w = 1 or not asked for)
+    ratio: torch.Tensor  # the surrogate's ratio p′_θ / denominator (detached)
+    clip_stats: dict[str, torch.Tensor]
+
+
+def composite_policy_terms(
+    prior: torch.Tensor,
+    posterior: torch.Tensor,
+    old_prior: torch.Tensor,
+    old_posterior: torch.Tensor,
+    from_prior: torch.Tensor,
+    advantages: torch.Tensor,
+    policy_mask: torch.Tensor,
+    kl_mask: torch.Tensor,
+    weight: float = 0.5,
+    ratio_to: str = "behaviour",
+    eps_low: float = 0.3,
+    eps_high: float | None = None,
+    kl_weighting: str = "token",
+    with_kl: bool = True,
+) -> CompositeTerms:
+    """The per-token terms of CoVRL's policy loss from the prior and posterior passes `[B, T]` (current,
+    with gradient, and old), `from_prior [B]`, `advantages [B]`, masks `[B, T]`.
+
+    log p′ = `composite_logprobs(prior, posterior, weight)`; the surrogate is
+    `composite_clipped_surrogate` (ratio to the sampler's old log-prob, or to the old composite with
+    w = ½), or for w ≠ ½ with `ratio_to="composite"` the plain PPO ratio p′_θ/p′_old; the KL term is
+    `composite_kl(p′, p_φ, p_beh,old)` on `kl_mask` (identically 0 when w = 1: p′ = p_φ).
+    """
+    composite = composite_logprobs(prior, posterior, weight)
+    behaviour = behaviour_logprobs(old_prior, old_posterior, from_prior)
+    eps = dict(eps_low=eps_low, eps_high=eps_high, mask=policy_mask)
+    if ratio_to == "behaviour" or weight == 0.5:
+        surrogate, stats = composite_clipped_surrogate(
+            composite, old_prior, old_posterior, from_prior, advantages, ratio_to=ratio_to, **eps
+        )
+        denominator = behaviour if ratio_to == "behaviour" else composite_logprobs(old_prior, old_posterior)
+    else:  # the plain PPO ratio of p′ with w ≠ ½
+        denominator = composite_logprobs(old_prior, old_posterior, weight)
+        surrogate, stats = clipped_surrogate(composite, denominator.detach(), advantages, **eps)
+    if weight < 1.0 and with_kl:
+        kl = composite_kl(composite, prior, behaviour, mask=kl_mask, weighting=kl_weighting)
+    else:
+        kl = torch.zeros_like(composite)
+    ratio = torch.exp(composite.detach() - denominator.detach())
+    return CompositeTerms(composite, behaviour, surrogate, kl, ratio, stats)

@@ -1,6 +1,6 @@
 """GFlowNet balance losses for autoregressive generation: TB, DB, SubTB(λ), modified SubTB, FL-DB.
 
-Conventions (one sequence per row; see `../shared/methods/gflownet.md`):
+Conventions (one sequence per row; see `docs/methods/gflownet.md`):
 
 - States are prefixes. s_0 is the empty prefix (the prompt), s_t the prefix of the first t
   generated tokens. The state graph is a tree, so every state has one parent: P_B = 1 and
@@ -34,10 +34,12 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from reasoning.objectives.bayes import group_log_mean_exp
 
 NORMALIZATIONS = ("sequence", "gfn-lm-tuning")
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 def mask_after_eos(ids: torch.Tensor, eos_id: int, include_eos: bool = True) -> torch.Tensor:
@@ -240,3 +242,77 @@ def modified_subtrajectory_balance(
     return subtrajectory_balance(
         log_reward - log_terminal, log_pf, mask, lam, normalization, log_normalizer, group
     )
+
+
+# ---------------------------------------------------------------------- reward tempering and heads
+def reward_temperature_at(
+    step: int, start: float, end: float | None, steps: int | None, schedule: str
+) -> float:
+    """The reward temperature T_R at `step`: `start` → `end` over `steps` steps, then `end`.
+
+    With u = min(step/steps, 1): `linear` T_0 + (T_1 − T_0)·u; `cosine` T_1 + (T_0 − T_1)·(1 + cos πu)/2.
+    `constant`, `end=None` or `steps` ≤ 0 give `start`. A balance loss on log R/T_R targets
+    P_F(x⊤) ∝ R(x⊤)^{1/T_R}.
+    """
+    if schedule == "constant" or end is None or not steps or steps <= 0:
+        return float(start)
+    u = min(max(step, 0) / steps, 1.0)
+    if schedule == "linear":
+        return float(start + (end - start) * u)
+    if schedule == "cosine":
+        return float(end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * u)))
+    raise ValueError(f"unknown reward temperature schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+
+
+class ScalarLogZ(nn.Module):
+    """A learned scalar log Z, the same for every prompt: `features [..., H] -> [...]`."""
+
+    def __init__(self, init: float = 0.0) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.value.expand(features.shape[:-1])
+
+
+class MLPHead(nn.Module):
+    """A log Z(x) or log F(s) head, `features [..., H] -> [...]`: W₂ GELU(W₁ h + b₁) + b₂ in float32.
+
+    The last layer is zero-initialised with bias `init`, so the head starts at `init` for every
+    input (log Z = `log_z_init`) and learns the dependence on the state from there.
+    """
+
+    def __init__(self, hidden_size: int, width: int = 64, init: float = 0.0) -> None:
+        super().__init__()
+        self.inner = nn.Linear(hidden_size, width)
+        self.outer = nn.Linear(width, 1)
+        nn.init.zeros_(self.outer.weight)
+        nn.init.constant_(self.outer.bias, float(init))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.outer(nn.functional.gelu(self.inner(features.float()))).squeeze(-1)
+
+
+def balance_heads(
+    loss: str, log_z: str, hidden_size: int, width: int = 64, init: float = 0.0
+) -> nn.ModuleDict:
+    """The learned heads a balance loss needs: `log_z` for `tb` (`ScalarLogZ`, or an `MLPHead` on the
+    prompt's last hidden state when `log_z` is "prompt"), `flow` (an `MLPHead` on the hidden state after
+    each prefix) for `subtb` / `db`, none for `modified_subtb` (its flows are implied by P_F(⊤|s))."""
+    heads: dict[str, nn.Module] = {}
+    if loss == "tb":
+        heads["log_z"] = ScalarLogZ(init) if log_z == "scalar" else MLPHead(hidden_size, width, init)
+    elif loss in ("subtb", "db"):
+        heads["flow"] = MLPHead(hidden_size, width, init)
+    return nn.ModuleDict(heads)
+
+
+def group_variances(groups: list[int], values: list[float]) -> float | None:
+    """The mean over groups (of two or more values) of the unbiased variance of `values` within each
+    group; None when no group has two. With values log R(x) − log P_F(x) of one prompt's samples this
+    is 0 exactly when the sampler is calibrated, P_F(x⊤) ∝ R(x⊤) (TB's log Z(x) is then the constant)."""
+    by_group: dict[int, list[float]] = {}
+    for group, value in zip(groups, values, strict=True):
+        by_group.setdefault(group, []).append(value)
+    variances = [torch.tensor(v).var().item() for v in by_group.values() if len(v) > 1]
+    return sum(variances) / len(variances) if variances else None

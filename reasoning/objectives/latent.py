@@ -1,4 +1,4 @@
-"""Gaussian variational Bayes for latent thought vectors (Kong et al., 2025; `methods/latent_thought.md`).
+"""Gaussian variational Bayes for latent thought vectors (Kong et al., 2025; `docs/methods/latent_thought.md`).
 
 Notation: x a token sequence, z its latent thought vectors (any shape per sequence, e.g. `[L, n, d]`),
 prior p(z) = N(0, I), decoder p_β(x|z), and the local posterior q(z|x) = N(μ, diag σ²) whose

@@ -1,6 +1,6 @@
 """Variational reasoning (Zhou et al., 2025): thinking traces z as latent variables of log P(Y_x|x).
 
-Notation (see `methods/variational_reasoning.md`): x question, z thinking trace, Y = Y_x the set
+Notation (see `docs/methods/variational_reasoning.md`): x question, z thinking trace, Y = Y_x the set
 of correct answers, π the prior/policy π_θ(z, y|x) = π_θ(z|x) π_θ(y|x, z), q = q_φ(z|x, y′) the
 posterior that sees an answer hint y′. Equation numbers refer to arXiv 2509.22637 v2.
 
@@ -13,6 +13,7 @@ log-probabilities are sums over the trace's tokens, computed by the caller
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -47,6 +48,36 @@ def normalized_weights(log_w: torch.Tensor) -> torch.Tensor:
     all zeros rather than NaN, so a question with no usable trace contributes nothing.
     """
     return _softmax_or_zero(log_w)
+
+
+def iwae_curve(log_w_rows: Sequence[torch.Tensor], k: int) -> dict[str, float]:
+    """Mean IWAE bound L^{K'} over questions for K' = 1, 2, 4, …, ≤ k: `{str(K'): value}`.
+
+    `log_w_rows[q]` `[K_q]` holds log π(z_k, Y|x) − log q(z_k|x, y′) of question q's traces
+    z_1..K_q ~ q. Each row is cut into ⌊K_q/K'⌋ disjoint blocks of K' traces (a remainder is left
+    out) and L^{K'} of the blocks averaged (`iwae_bound`): with i.i.d. traces every block is one
+    draw of L^{K'}, so a question's value is an unbiased estimate of E[L^{K'}] that uses all its
+    traces. The questions' values are then averaged (a row with no whole block gives NaN).
+    """
+    out = {}
+    size = 1
+    while size <= k:
+        values = []
+        for row in log_w_rows:
+            blocks = row[: (len(row) // size) * size].reshape(-1, size)
+            values.append(float(iwae_bound(blocks, torch.zeros_like(blocks)).mean()))
+        out[str(size)] = sum(values) / max(len(values), 1)
+        size *= 2
+    return out
+
+
+def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
+    """Kish's effective sample size of normalised weights, `[..., K]` -> `[...]`: 1 / Σ_k ρ̃_k².
+
+    K for uniform weights, 1 when one trace carries all the weight. `weights` must sum to 1 over
+    the last dimension (`normalized_weights`); a row of zeros (no usable trace) gives inf.
+    """
+    return 1.0 / (weights**2).sum(dim=-1)
 
 
 def elbo(log_p_joint: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -93,6 +124,23 @@ def practical_log_weights(
         raise ValueError("trace_lengths must be >= 1; filter out empty traces before weighting (Eq. 8)")
     per_token_log_ratio = (trace_logp_prior - trace_logp_posterior) / lengths.to(trace_logp_prior.dtype)
     return per_token_log_ratio + log_estimator
+
+
+def practical_weights(
+    trace_logp_prior: torch.Tensor,
+    trace_logp_posterior: torch.Tensor,
+    trace_lengths: torch.Tensor,
+    log_estimator: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """Normalised practical weights ρ̃ of Eq. 8 within each question, all `[..., K]` -> `[..., K]`.
+
+    ρ̃_k = ρ_k / Σ_j ρ_j over the traces with `valid[..., k]` True (`practical_log_weights`,
+    `normalized_weights`); a filtered trace (no answer marker, cut by the token budget) gets 0, and
+    a question with no trace of positive weight gets all zeros (the caller falls back).
+    """
+    log_w = practical_log_weights(trace_logp_prior, trace_logp_posterior, trace_lengths, log_estimator)
+    return normalized_weights(torch.where(valid.bool(), log_w, torch.full_like(log_w, -math.inf)))
 
 
 def log_acc_estimator(

@@ -1,15 +1,15 @@
 """Reference-answer likelihood rewards: verifier-free rewards from log p(y*|x, z).
 
-One rule cuts every sampled response for every reward here (`cut_trace`, the only trace cutter of
-the likelihood rewards): the completion is cut before its first answer marker (a token boundary),
-the marker's tokens are appended to the trace and y* after them (`answer_layout`), and one
-teacher-forced pass scores y*. The inputs of the reward functions are the answer tokens' log-probs
+One rule cuts every sampled response for every reward here (`data.templates.cut_trace` with
+`at="first"`): the completion is cut before its first answer marker (a token boundary), the marker
+is appended to the trace and y* after it (`data.templates.answer_layout`), and one teacher-forced
+pass scores y* (`models.scoring.answer_logprobs`). The inputs of the reward functions are the answer tokens' log-probs
 `answer_logp [B, T]` = log p(y*_t | x, z, y*_<t) with an explicit `answer_mask [B, T]` (padding may
 hold anything, even −inf). Rows are laid out group by group (B = groups × G) where a function
 works per prompt group.
 
-The answer span (`answer_layout`) is y* plus the template's end-of-answer suffix; EOS is **not**
-scored unless `score_eos=True`, as in the released VeriFree trainer (sail-sg/VeriFree,
+The answer span (`answer_layout(..., score_eos=False)`) is y* plus the template's end-of-answer
+suffix; EOS is **not** scored unless `score_eos=True`, as in the released VeriFree trainer (sail-sg/VeriFree,
 `verifree.py`: the span is `> \\boxed{y*} </answer>`) and the variational-reasoning GML estimate
 (sail-sg/variational-reasoning, `estimate_logp_initial_reasoning_model.py`: the span ends with
 `<|end_of_solution|>`). RLPR scores only y*'s own tokens and NOVER y* inside its answer tags, also
@@ -31,89 +31,16 @@ All functions are pure: no I/O, no model calls.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
-from reasoning.data.templates import ScoringIds, Template, scoring_ids
+from reasoning.objectives.policy import group_reward_std
 from reasoning.objectives.variational import log_gml_estimator, log_likelihood_estimator
 
 TruncatedReward = str | float
 MISSING_ANSWER = ("zero", "exclude", "score")
-
-
-# ---------------------------------------------------------------------- the trace cutter
-@dataclass(frozen=True)
-class TraceCut:
-    """A sampled completion cut at its answer marker.
-
-    `trace`: the completion's tokens before its first answer marker (without a marker: the whole
-    completion minus a final stop token). `policy_length`: how many leading completion tokens the
-    policy term covers — the trace *and* the marker when there is one (the reward depends on where
-    the policy chose to emit the marker, so ∇ log π(z) must include it, as VeriFree's think span
-    `…<answer` does), else the whole completion. `marker_count`: occurrences of the marker.
-    """
-
-    trace: list[int]
-    policy_length: int
-    marker_found: bool
-    marker_count: int
-    truncated: bool
-
-    @property
-    def missing(self) -> bool:
-        """No answer marker: y* has no place to follow the trace."""
-        return not self.marker_found
-
-
-def cut_trace(
-    completion_ids: Sequence[int], marker_ids: Sequence[int], stop_ids: set[int], truncated: bool
-) -> TraceCut:
-    """Cut a completion before its first answer marker (`marker_ids`, token ids), `-> TraceCut`.
-
-    A final stop token (EOS or a stop id in `stop_ids`) of a completion that was not `truncated`
-    is dropped first. The cut is made on token ids, never on decoded text. The *first* marker, as
-    VeriFree (`model_response.find("<answer")`), LaTRO (first stop sequence) and the
-    variational-reasoning GML data (`find('<|end_of')`) cut: whether a position ends the trace then
-    depends only on the tokens up to it (a stopping time), which is what makes
-    E[R ∇log π(trace + marker)] the exact gradient of E[R]; a cut at the last marker depends on
-    later tokens and biases it. An empty `marker_ids` never matches (every completion is `missing`).
-    """
-    ids = list(completion_ids)
-    if not truncated and ids and ids[-1] in stop_ids:
-        ids = ids[:-1]
-    marker = list(marker_ids)
-    starts = [i for i in range(len(ids) - len(marker) + 1) if marker and ids[i : i + len(marker)] == marker]
-    cut, count = (starts[0] if starts else -1), len(starts)
-    if cut >= 0:
-        return TraceCut(ids[:cut], cut + len(marker), True, count, truncated)
-    return TraceCut(ids, len(completion_ids), False, count, truncated)
-
-
-def answer_layout(
-    template: Template,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt_ids: Sequence[int],
-    trace_ids: Sequence[int],
-    answer: str,
-    score_eos: bool = False,
-) -> ScoringIds:
-    """prompt + trace + answer marker + y* (+ suffix), the span `ids[answer_start:]` to score.
-
-    `templates.scoring_ids` lays the tokens out; the EOS it appends is dropped unless `score_eos`
-    (the references do not score EOS: see the module docstring). A reference answer with no
-    token to score is an error.
-    """
-    laid = scoring_ids(template, tokenizer, list(prompt_ids), list(trace_ids), answer)
-    eos = tokenizer.eos_token_id
-    if not score_eos and eos is not None and len(laid.ids) > laid.answer_start and laid.ids[-1] == eos:
-        laid = replace(laid, ids=laid.ids[:-1])
-    if len(laid.ids) <= laid.answer_start:
-        raise ValueError(f"reference answer {answer!r} has no token to score; give a non-empty answer")
-    return laid
 
 
 # ---------------------------------------------------------------------- missing and truncated
@@ -290,25 +217,6 @@ def rlpr_reward(
     return _finish(reward, missing, missing_answer, truncated, truncated_reward)
 
 
-def _grouped_valid(rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    grouped = rewards.view(-1, group_size)
-    return grouped, ~torch.isnan(grouped)
-
-
-def group_reward_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Unbiased (n − 1) standard deviation of each group's non-NaN rewards, `[N] -> [N / G]`.
-
-    NaN (not applicable) entries are left out; a group with fewer than two entries gives NaN.
-    """
-    grouped, valid = _grouped_valid(rewards, group_size)
-    count = valid.sum(dim=1).to(rewards.dtype)
-    values = torch.where(valid, grouped, torch.zeros_like(grouped))
-    mean = values.sum(dim=1) / count.clamp(min=1)
-    squares = torch.where(valid, (grouped - mean.unsqueeze(1)) ** 2, torch.zeros_like(grouped)).sum(dim=1)
-    std = (squares / (count - 1).clamp(min=1)).sqrt()
-    return torch.where(count >= 2, std, torch.full_like(std, math.nan))
-
-
 def rlpr_std_filter(rewards: torch.Tensor, group_size: int, bound: float | None) -> torch.Tensor:
     """RLPR standard-deviation filter, `rewards [N]` -> bool `[N]`: keep groups whose reward std ≥ bound.
 
@@ -384,6 +292,16 @@ class RLPRStdFilter:
             self.warmup.append(mean)
         else:
             self.last = mean
+
+    def filter(
+        self, rewards: torch.Tensor, everyone: torch.Tensor, group_size: int
+    ) -> tuple[float | None, torch.Tensor | None]:
+        """One generation: its bound (`begin_step`), then its group stds recorded for the next ones
+        (`everyone`: every rank's rewards), and the keep mask `[N]` of this rank's `rewards` (None: no
+        filtering at this step). Returns (bound, keep)."""
+        bound = self.begin_step()
+        self.record(group_reward_std(everyone, group_size))
+        return bound, (None if bound is None else rlpr_std_filter(rewards, group_size, bound))
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "warmup": list(self.warmup), "ema": self.ema, "last": self.last}
@@ -519,3 +437,66 @@ def latro_reward(
     _log_reward_missing(missing_answer)
     reward = log_likelihood_estimator(answer_logp, answer_mask) - beta * (trace_logp - reference_trace_logp)
     return _finish(reward, missing, missing_answer, truncated, truncated_reward)
+
+
+LIKELIHOOD_REWARDS = ("covrl", "jepo", "verifree", "rlpr", "nover", "latro")
+
+
+def likelihood_reward(
+    kind: str,
+    answer_logp: torch.Tensor,
+    answer_mask: torch.Tensor,
+    group_size: int,
+    truncated: torch.Tensor | None = None,
+    truncated_reward: TruncatedReward = "none",
+    missing: torch.Tensor | None = None,
+    missing_answer: str = "exclude",
+    reduction: str = "sum",
+    trace_lengths: torch.Tensor | None = None,
+    format_ok: torch.Tensor | None = None,
+    log_base: float = 10.0,
+    no_trace_probability: torch.Tensor | None = None,
+    format_coef: float = 0.1,
+    trace_logp: torch.Tensor | None = None,
+    reference_trace_logp: torch.Tensor | None = None,
+    latro_beta: float = 0.05,
+) -> torch.Tensor:
+    """The reward `[B]` of one family member from the answer's token log-probs `[B, T]` (rows group by
+    group), with one rule for truncated and markerless samples for all of them:
+
+    `covrl` / `jepo`: `answer_logprob` (`reduction` sum or mean); `verifree`: `verifree_reward`;
+    `nover`: `nover_reward` (`trace_lengths`, `format_ok`, `log_base`); `rlpr`: `rlpr_reward`
+    (`no_trace_probability`, `format_ok`, `format_coef`); `latro`: `latro_reward` (`trace_logp`,
+    `reference_trace_logp`, `latro_beta`).
+    """
+    flags = dict(
+        truncated=truncated, truncated_reward=truncated_reward, missing=missing, missing_answer=missing_answer
+    )
+    if kind in ("covrl", "jepo"):
+        return answer_logprob(answer_logp, answer_mask, reduction, **flags)
+    if kind == "verifree":
+        return verifree_reward(answer_logp, answer_mask, **flags)
+    if kind == "nover":
+        return nover_reward(
+            answer_logp,
+            answer_mask,
+            group_size,
+            trace_lengths,
+            format_ok=format_ok,
+            log_base=log_base,
+            **flags,
+        )
+    if kind == "rlpr":
+        return rlpr_reward(
+            answer_logp,
+            answer_mask,
+            no_trace_probability,
+            format_ok=format_ok,
+            format_coef=format_coef,
+            **flags,
+        )
+    if kind == "latro":
+        if trace_logp is None or reference_trace_logp is None:
+            raise ValueError("the latro reward needs trace_logp and reference_trace_logp")
+        return latro_reward(answer_logp, answer_mask, trace_logp, reference_trace_logp, latro_beta, **flags)
+    raise ValueError(f"unknown likelihood reward {kind!r}; one of {', '.join(LIKELIHOOD_REWARDS)}")

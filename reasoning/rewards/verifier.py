@@ -5,22 +5,15 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from reasoning.data.answers import completion_text
+from reasoning.data.synthetic import task_from_spec
 from reasoning.data.templates import PlainTemplate
 from reasoning.rewards.math import grade
 
 
 @lru_cache(maxsize=32)
 def _task(spec: str):
-    from reasoning.data.synthetic import task_from_spec
-
     return task_from_spec(spec)
-
-
-def completion_text(completion: Any) -> str:
-    """A completion as text: TRL passes strings, or chat message lists for conversational data."""
-    if isinstance(completion, list):
-        return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
-    return str(completion)
 
 
 def is_correct(completion: Any, record: dict[str, Any]) -> bool:
@@ -66,3 +59,6 @@ def reference_steps(prompts: list, completions: list, **columns: Any) -> list[fl
         produced, reference = trace.strip().split(","), str(solution).split(",")
         scores.append(sum(p == r for p, r in zip(produced, reference)) / len(reference))
     return scores
+
+
+__all__ = ["completion_text", "correctness", "is_correct", "reference_steps"]

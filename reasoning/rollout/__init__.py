@@ -1,12 +1,13 @@
 """Rollout engines: one interface (`generate`, `sync_weights`), three backends.
 
-`make_engine("hf" | "vllm" | "vllm-server", model_path, **kw)` builds one. Backends import
-their heavy libraries only when chosen.
+`make_engine("hf" | "vllm" | "vllm-server", model_path, **kw)` builds one. The vLLM backends
+import vLLM (and the server one httpx) only when chosen; the hf one needs nothing beyond transformers.
 """
 
 from __future__ import annotations
 
 from reasoning.rollout.base import Rollout, RolloutEngine, Sampling, context_length
+from reasoning.rollout.hf import HFEngine
 
 ENGINE_KINDS = ("hf", "vllm", "vllm-server")
 
@@ -20,8 +21,6 @@ def make_engine(kind: str, model_path: str, **kw) -> RolloutEngine:
     `vllm-server`: remote `vllm serve` processes over HTTP (their own `--max-model-len`).
     """
     if kind == "hf":
-        from reasoning.rollout.hf import HFEngine
-
         return HFEngine(model_path, **kw)
     if kind == "vllm":
         from reasoning.rollout.vllm_engine import VLLMEngine

@@ -6,6 +6,7 @@ import contextlib
 import os
 
 import torch
+from accelerate.state import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from reasoning.rollout.base import Rollout, Sampling
@@ -40,8 +41,6 @@ def choose_device(requested: str | torch.device | None = None) -> torch.device:
                     f"are visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
                 )
         return device
-    from accelerate.state import PartialState
-
     if PartialState._shared_state:  # initialised by TrainingArguments / Accelerator / a launcher
         return PartialState().device
     if torch.cuda.is_available():

@@ -44,6 +44,20 @@ cache. After every sync and every wake that restores weights, a probe compares t
 with what the trainer sent (a strided sample of every parameter stored under the same name and
 layout; `check_weights`) and raises if they differ: a wake that restored stale weights, or a reload
 that did not apply, would otherwise go on generating from other weights without a sign.
+
+LoRA, two ways (`lora_sync`). "merge" (default): the walk above merges W + ΔW and every sync moves
+the whole model. "adapter": the engine is built with vLLM's LoRA layers (`enable_lora`,
+`max_lora_rank`); the first sync pushes the policy's frozen base once (so the engine's base is the
+trainer's whatever checkpoint it started from), and every sync after that moves only the adapter's
+A and B: `adapter_state` copies them out of the PEFT model, and the worker builds a `LoRAModel` from
+the tensors (`LoRAModel.from_lora_tensors`, vLLM's own loader minus the file) and activates it under
+a new id; `generate` then passes its `LoRARequest`. vLLM 0.32's public path loads adapters from a
+directory only (`LoRARequest(lora_path=...)`): writing the adapter to tmpfs and loading it took
+32-34 ms per sync on the 25M model, in memory 9-11 ms (`benchmarks/lora_sync.py`). What vLLM
+cannot serve (DoRA, `modules_to_save`, LoRA bias, a rank above `max_lora_rank`, layers without a
+vLLM LoRA kernel, several active adapters),
+adapters merged into their base or switched off, and ZeRO-3 partitioned adapters fall back to
+merging, with the reason logged once; the next adapter sync pushes the base again.
 """
 
 from __future__ import annotations
@@ -54,10 +68,15 @@ import logging
 import math
 import os
 import socket
+import typing
+import weakref
 from collections.abc import Iterator, Mapping
 
 import torch
+from accelerate.state import PartialState
+from transformers import AutoTokenizer
 
+from reasoning.models.lora import adapter_state, is_peft_model
 from reasoning.rollout.base import Rollout, Sampling
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -108,17 +127,18 @@ def _is_peft_wrapper(module: torch.nn.Module) -> bool:
     return isinstance(module, BaseTunerLayer | AuxiliaryTrainingWrapper)
 
 
-def _merged_lora(module: torch.nn.Module, copy: bool) -> dict[str, torch.Tensor]:
+def _merged_lora(module: torch.nn.Module, copy: bool, merge: bool = True) -> dict[str, torch.Tensor]:
     """{"weight": W + Σ_active ΔW, "bias": ...} of one LoRA layer, computed without modifying it.
 
     Follows PEFT's `safe_merge` path: vanilla LoRA adds `get_delta_weight(adapter)` (B·A·scale,
     transposed for fan_in_fan_out), variants such as DoRA use their `merge_safe`. If the adapter is
-    already merged into the base weight, or adapters are disabled, the base weight is returned.
+    already merged into the base weight, or adapters are disabled, the base weight is returned;
+    `merge=False` asks for the base weight W alone.
     """
     base = module.get_base_layer()
     weight = base.weight.detach()
     bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
-    adapters = [] if (module.disable_adapters or module.merged) else list(module.active_adapters)
+    adapters = [] if (module.disable_adapters or module.merged or not merge) else list(module.active_adapters)
     adapters = [a for a in adapters if a in module.lora_A or a in getattr(module, "lora_embedding_A", {})]
     if adapters:
         weight = weight.clone()
@@ -140,7 +160,7 @@ def _merged_lora(module: torch.nn.Module, copy: bool) -> dict[str, torch.Tensor]
     return out
 
 
-def _walk(module: torch.nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _walk(module: torch.nn.Module, prefix: str, merge: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Depth-first over modules, yielding each module's own parameters (gathered if sharded).
 
     Parameters are yielded per module, so a tied parameter is yielded under every name that owns
@@ -149,13 +169,13 @@ def _walk(module: torch.nn.Module, prefix: str) -> Iterator[tuple[str, torch.Ten
     if _is_lora_layer(module):
         params = list(module.parameters())
         with _gathered(params) as sharded:
-            merged = _merged_lora(module, copy=sharded)
+            merged = _merged_lora(module, copy=sharded, merge=merge)
         for name, tensor in merged.items():
             yield prefix + name, tensor
         return
     if _is_peft_wrapper(module):
-        inner = _active_module_to_save(module)
-        yield from _walk(inner, prefix)
+        inner = _active_module_to_save(module) if merge else _original_module(module)
+        yield from _walk(inner, prefix, merge)
         return
     own = [(name, p) for name, p in module.named_parameters(recurse=False)]
     if own:
@@ -166,7 +186,7 @@ def _walk(module: torch.nn.Module, prefix: str) -> Iterator[tuple[str, torch.Ten
         for name, tensor in tensors:
             yield prefix + name, tensor
     for child_name, child in module.named_children():
-        yield from _walk(child, f"{prefix}{child_name}.")
+        yield from _walk(child, f"{prefix}{child_name}.", merge)
 
 
 def _active_module_to_save(wrapper: torch.nn.Module) -> torch.nn.Module:
@@ -185,9 +205,19 @@ def _active_module_to_save(wrapper: torch.nn.Module) -> torch.nn.Module:
     return wrapper.modules_to_save[adapter]
 
 
+def _original_module(wrapper: torch.nn.Module) -> torch.nn.Module:
+    """The base module a PEFT wrapper adapts (`original_module`), without what was trained."""
+    original = getattr(wrapper, "original_module", None)
+    if not isinstance(original, torch.nn.Module):
+        raise NotImplementedError(
+            f"weight sync cannot find the base module under PEFT wrapper {type(wrapper).__name__}"
+        )
+    return original
+
+
 @torch.no_grad()
 def iter_full_weights(
-    model: torch.nn.Module, dtype: torch.dtype | None = None
+    model: torch.nn.Module, dtype: torch.dtype | None = None, merge_adapters: bool = True
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, full tensor) for every weight the inference model needs, streamed.
 
@@ -201,11 +231,13 @@ def iter_full_weights(
     - Tied embeddings: `lm_head.weight` is yielded as well as `model.embed_tokens.weight`.
     - `dtype`: floating tensors are cast to it (the engine's dtype, e.g. a bf16 engine fed by an
       fp32 trainer), one tensor at a time.
+    - `merge_adapters=False`: a PEFT model's frozen base alone (W, the original modules), for an
+      engine that applies the adapter itself (`lora_sync="adapter"`).
     """
     model = unwrap_model(model)
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         model = model.get_base_model()
-    for name, tensor in _walk(model, ""):
+    for name, tensor in _walk(model, "", merge_adapters):
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         yield name, tensor
@@ -306,8 +338,6 @@ def local_process_index(env: Mapping[str, str] | None = None) -> int:
         value = env.get(name, "")
         if value.strip().lstrip("-").isdigit() and int(value) >= 0:
             return int(value)
-    from accelerate.state import PartialState
-
     if PartialState._shared_state and PartialState().local_process_index >= 0:
         return PartialState().local_process_index
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -373,6 +403,70 @@ def _recording(
         yield name, tensor
 
 
+# --------------------------------------------------------------------------- LoRA adapters (worker side)
+
+LORA_SYNC_MODES = ("merge", "adapter")
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts (1, 8, 16, 32, ...) that holds an adapter of `rank`."""
+    from vllm.config.lora import MaxLoRARanks
+
+    allowed = sorted(typing.get_args(MaxLoRARanks))
+    fitting = [r for r in allowed if r >= rank]
+    if not fitting:
+        raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank ({allowed[-1]})")
+    return fitting[0]
+
+
+def _lora_target_modules(worker) -> list[str]:
+    """(worker side) the module names an adapter may target: vLLM's LoRA layers, packed ones
+    (qkv_proj, gate_up_proj) under their checkpoint names (q_proj, k_proj, v_proj, ...)."""
+    adapters = worker.model_runner.lora_manager._adapter_manager
+    packed = adapters.packed_modules_mapping
+    names = set()
+    for module in adapters.supported_lora_modules:
+        names.update(packed.get(module, [module]))
+    return sorted(names)
+
+
+def _load_lora_tensors(
+    worker, lora_id: int, tensors: dict[str, torch.Tensor], config: dict
+) -> list[int | None]:
+    """(worker side) make the adapter `tensors` + `config` (adapter_config.json as a dict) the one
+    registered and active LoRA, under `lora_id`; return the adapter ids of the LoRA slots.
+
+    What vLLM's `WorkerLoRAManager._load_adapter` does after reading `lora_path`, minus the reading:
+    the same validation (`PEFTHelper.validate_legal`), name mapping and `LoRAModel.from_lora_tensors`
+    (on the CPU; activation copies A and B into the slot's buffers on the device). Earlier adapters
+    are removed first, so the single slot (max_loras=1) is free.
+    """
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    manager = worker.model_runner.lora_manager
+    adapters = manager._adapter_manager
+    helper = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings": manager.max_position_embeddings})
+    helper.validate_legal(manager.lora_config)
+    model = adapters.model
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    lora = LoRAModel.from_lora_tensors(
+        lora_model_id=lora_id,
+        tensors=tensors,
+        peft_helper=helper,
+        device="cpu",
+        dtype=manager.lora_config.lora_dtype,
+        model_vocab_size=manager.vocab_size,
+        weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+        skip_prefixes=getattr(model, "lora_skip_prefixes", None),
+    )
+    for stale in list(adapters.list_adapters()):
+        adapters.remove_adapter(stale)
+    adapters.add_adapter(lora)
+    adapters.activate_adapter(lora_id)
+    return list(adapters.lora_index_to_id)
+
+
 def _sampled_logprobs(tokens: list[int], logprobs) -> list[float]:
     """The sampled tokens' log-probs from vLLM's per-position log-probs (flat or list of dicts)."""
     if hasattr(logprobs, "start_indices"):  # FlatLogprobs: the sampled token comes first at each position
@@ -422,6 +516,12 @@ class VLLMEngine:
             initialised with world size > 1, else vLLM's ("uni"); "mp" and "ray" are refused.
         check_weights: after each sync and each wake that restores weights, compare a sample of the
             engine's weights with the trainer's and raise on a difference (the weight probe).
+        lora_sync: how a PEFT LoRA policy reaches the engine. "merge" (default): W + ΔW merged while
+            streaming, the whole model moves each sync. "adapter": vLLM's LoRA layers apply the
+            adapter; each sync moves only A and B (the base once, at the first sync). Adapters vLLM
+            cannot serve fall back to "merge" with a logged reason (see the module docstring).
+        max_lora_rank: "adapter" only: the largest adapter rank the engine holds (rounded up to a
+            value vLLM accepts: 1, 8, 16, 32, 64, ...; default 16). The recipes pass `model.lora`'s.
         **llm_kwargs: passed to `vllm.LLM` (override anything above).
     """
 
@@ -439,8 +539,20 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         distributed_executor_backend: str | None = None,
         check_weights: bool = True,
+        lora_sync: str = "merge",
+        max_lora_rank: int | None = None,
         **llm_kwargs,
     ) -> None:
+        if lora_sync not in LORA_SYNC_MODES:
+            raise ValueError(f"lora_sync must be one of {', '.join(LORA_SYNC_MODES)}, got {lora_sync!r}")
+        if max_lora_rank is not None and lora_sync != "adapter":
+            raise ValueError(
+                f"max_lora_rank sizes vLLM's LoRA layers, used with lora_sync='adapter' only (got {lora_sync!r})"
+            )
+        if lora_sync == "adapter":
+            llm_kwargs.setdefault("enable_lora", True)
+            llm_kwargs.setdefault("max_lora_rank", vllm_lora_rank(max_lora_rank or 16))
+            llm_kwargs.setdefault("max_loras", 1)  # one policy adapter at a time
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
             logger.warning(
                 "VLLM_ENABLE_V1_MULTIPROCESSING=%s: setting it to 0, the colocated engine must run "
@@ -448,7 +560,6 @@ class VLLMEngine:
                 os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"),
             )
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from transformers import AutoTokenizer
         from vllm import LLM
 
         cuda = torch.cuda.is_available()
@@ -525,6 +636,18 @@ class VLLMEngine:
             probe = {name: (shape, _probe_index(shape)) for name, shape in self._layouts.items()}
             values = self.llm.collective_rpc(_read_probe, kwargs={"probe": probe})[0]
             self._probe = {name: (*probe[name], values[name]) for name in values}
+        self.lora_sync = lora_sync
+        # lora_sync="adapter": what the last sync did ("adapter" or "merge"), the LoRARequest that
+        # `generate` passes (None: the engine's own weights), the adapter id, whose frozen base the
+        # engine holds (pushed at the first adapter sync), fallback reasons already logged
+        self.last_sync: str | None = None
+        self._lora_request = None
+        self._lora_id = 0
+        self._base = None  # a weak reference to the PEFT base model whose weights the engine holds
+        self._fallbacks_logged: set[str] = set()
+        self._lora_modules: set[str] = set()
+        if lora_sync == "adapter":
+            self._lora_modules = set(self.llm.collective_rpc(_lora_target_modules)[0])
 
     # ------------------------------------------------------------------ generation
     @staticmethod
@@ -601,7 +724,10 @@ class VLLMEngine:
             everyone = [p for p, _ in pooled]
             request_params = [self.sampling_params(sampling, n // copies, seed=s) for _, s in pooled]
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in everyone], request_params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=p) for p in everyone],
+            request_params,
+            use_tqdm=False,
+            lora_request=self._lora_request,  # lora_sync="adapter": the policy's adapter; else None
         )
         groups: list[list[Rollout]] = []
         for index, (ids, output) in enumerate(zip(local, outputs[share], strict=True)):
@@ -649,20 +775,37 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weights and memory
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Reload `model`'s current weights into the engine in place, then clear the prefix cache.
+        """Make the engine generate from `model`'s current weights, then clear the prefix cache.
 
-        `model` may be wrapped (DDP, accelerate, DeepSpeed), a PEFT model (LoRA merged on the fly)
-        or ZeRO-3 partitioned. Tensors are streamed one module at a time into vLLM's layer-wise
-        reloader; nothing is written to disk. All ranks must call this together.
+        `model` may be wrapped (DDP, accelerate, DeepSpeed), a PEFT model or ZeRO-3 partitioned. By
+        default (and for what `lora_sync="adapter"` cannot serve) the full weights -- LoRA merged on
+        the fly -- are streamed one module at a time into vLLM's layer-wise reloader; with
+        `lora_sync="adapter"` only the adapter moves (`_sync_adapter`). Nothing is written to disk.
+        All ranks must call this together.
 
         Asleep (sleep mode): wake the weights' memory, reload into it, then wake the KV cache. Then
         the weight probe: a sample of every tensor the engine stores under the trainer's name and
         layout is read back and must equal what was sent (`check_weights`).
         """
+        if self.lora_sync == "adapter":
+            state = self._adapter_or_reason(model)
+            if not isinstance(state, str):
+                self._sync_adapter(model, *state)
+                return
+            if state not in self._fallbacks_logged:
+                self._fallbacks_logged.add(state)
+                logger.warning("lora_sync='adapter': syncing merged weights instead, because %s", state)
+        self._reload(model)
+        self._lora_request = None
+        self._base = None  # the engine now holds merged (or plain) weights, no base
+        self.last_sync = "merge"
+
+    def _reload(self, model: torch.nn.Module, merge_adapters: bool = True) -> None:
+        """Stream `model`'s full weights into the engine in place (`iter_full_weights`)."""
         if "weights" in self._sleeping:
             self.wake_up(tags=["weights"])  # level 2: memory only, its contents are replaced below
         probe: dict[str, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
-        weights = iter_full_weights(model, dtype=self.dtype)
+        weights = iter_full_weights(model, dtype=self.dtype, merge_adapters=merge_adapters)
         if self.check_weights:
             weights = _recording(weights, self._layouts, probe)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
@@ -673,6 +816,76 @@ class VLLMEngine:
         if self.check_weights:
             self._probe = probe
             self._verify("sync_weights")
+
+    def _adapter_or_reason(self, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict] | str:
+        """(adapter tensors, adapter config) of `model` when vLLM's LoRA layers can serve it, else why not."""
+        model = unwrap_model(model)
+        if not is_peft_model(model):
+            return f"{type(model).__name__} is not a PEFT model (it has no adapter to load)"
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            return "DeepSpeed ZeRO-3 partitions the adapter (the merged weights are gathered module by module instead)"
+        layers = [m for m in model.modules() if _is_lora_layer(m)]
+        if any(m.merged for m in layers):
+            return "the adapter is merged into the base weights (PEFT merge_adapter)"
+        if any(m.disable_adapters for m in layers):
+            return "the adapters are disabled (the policy is the base alone)"
+        try:
+            tensors, config = adapter_state(model)
+        except ValueError as err:
+            return str(err)
+        if config.get("peft_type") != "LORA":
+            return f"the adapter is {config.get('peft_type')}, not LoRA"
+        from vllm.lora.peft_helper import PEFTHelper
+
+        try:  # vLLM's own check of what its LoRA layers support (DoRA, modules_to_save, bias, rank, ...)
+            PEFTHelper.from_dict(config).validate_legal(self.llm.llm_engine.vllm_config.lora_config)
+        except (ValueError, TypeError) as err:
+            hint = (
+                " (rollout.engine_kwargs.max_lora_rank raises the engine's limit)"
+                if "max_lora_rank" in str(err)
+                else ""
+            )
+            return f"vLLM cannot serve this adapter: {err}{hint}"
+        targets = {key.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for key in tensors}
+        unsupported = sorted(targets - self._lora_modules)
+        if unsupported:
+            return f"vLLM has no LoRA layer for {unsupported} (it adapts {sorted(self._lora_modules)})"
+        return tensors, config
+
+    def _sync_adapter(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor], config: dict) -> None:
+        """Load the adapter into vLLM's LoRA layers under a new id; the base weights stay where they are.
+
+        The first time, and whenever the engine does not hold this model's base (a merged sync or a
+        level-2 sleep replaced it, or another PEFT model was synced), the policy's frozen base is
+        pushed, so base + adapter is the policy even when the engine started from another checkpoint.
+        Then the worker checks the new adapter holds the LoRA slot.
+        """
+        from vllm.lora.request import LoRARequest
+
+        base = unwrap_model(model).get_base_model()
+        if self._base is None or self._base() is not base:
+            self._reload(model, merge_adapters=False)
+            self._base = weakref.ref(base)
+        if self._asleep:
+            self.wake_up()
+        self._lora_id += 1
+        slots = self.llm.collective_rpc(
+            _load_lora_tensors, kwargs={"lora_id": self._lora_id, "tensors": tensors, "config": config}
+        )[0]
+        if self._lora_id not in slots:
+            raise RuntimeError(
+                f"after loading adapter {self._lora_id}, vLLM's LoRA slots hold {slots}: generation would not "
+                "use the policy's adapter"
+            )
+        # the path is never read (the adapter is already registered); an absolute path keeps vLLM
+        # from looking it up on the hub should it ever try
+        self._lora_request = LoRARequest(
+            lora_name=f"policy-{self._lora_id}",
+            lora_int_id=self._lora_id,
+            lora_path=f"/in-memory/policy-{self._lora_id}",
+        )
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old adapter
+        self.last_sync = "adapter"
 
     def sleep(self, level: int = 1) -> None:
         """Release engine memory while the trainer runs (CUDA with sleep mode; a no-op otherwise).
@@ -686,6 +899,8 @@ class VLLMEngine:
         self.llm.sleep(level=level)
         self._sleeping = {"weights", "kv_cache"}
         self._weights_discarded = level >= 2
+        if level >= 2:
+            self._base = None  # lora_sync="adapter": the next sync pushes the base again
 
     @property
     def _asleep(self) -> bool:

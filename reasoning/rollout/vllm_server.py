@@ -54,14 +54,18 @@ import dataclasses
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
 
 from reasoning.rollout.base import Rollout, Sampling
 from reasoning.rollout.vllm_engine import iter_full_weights
@@ -94,8 +98,6 @@ def server_command(
     long batch would crash. Add `--weight-transfer-config '{"backend": "nccl"}'` on GPUs for
     `weight_sync="nccl"`.
     """
-    import sys
-
     command = [
         sys.executable,
         "-m",
@@ -173,7 +175,6 @@ class VLLMServerEngine:
         max_concurrency: int = 64,
     ) -> None:
         import httpx
-        from transformers import AutoTokenizer
 
         if isinstance(servers, str):
             servers = [url.strip() for url in servers.split(",") if url.strip()]
@@ -218,8 +219,6 @@ class VLLMServerEngine:
 
     # ------------------------------------------------------------------ HTTP
     def _start_hint(self, url: str) -> str:
-        from urllib.parse import urlparse
-
         parsed = urlparse(url)
         command = server_command(self.model_path, parsed.hostname or "127.0.0.1", parsed.port or 8000)
         return (
@@ -499,8 +498,6 @@ class VLLMServerEngine:
         Shards hold at most `shard_bytes` each, so only one shard is held in memory at a time. The
         directory appears under its final name only once complete (written as `.vN.tmp`, then renamed).
         """
-        from safetensors.torch import save_file
-
         self._version += 1
         final = self.weights_dir / f"v{self._version}"
         partial = self.weights_dir / f".v{self._version}.tmp"

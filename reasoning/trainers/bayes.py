@@ -28,250 +28,45 @@ sampling temperature, top-k and top-p), which changes the target to a_T·b or a_
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast, gather_object
 
-from reasoning.data.templates import PlainTemplate
 from reasoning.objectives.bayes import (
+    add_log_z_estimates,
+    configured_log_target,
     effective_sample_size,
     estimate_forward_kl,
     estimate_kl_policy_base,
     estimate_log_z,
     estimate_tv,
     f_pseudo_reward,
+    fit_conditional_moment_lambdas,
     fit_moment_lambdas,
-    group_log_mean_exp,
-    log_target,
+    gdcpp_coefficient,
     moment_log_target,
     pointwise_log_target,
-    pool_log_means,
+    pooled_log_z,
     pseudo_reward,
     pseudo_reward_loss,
     self_normalized_moments,
+    windowed_mean,
 )
-from reasoning.objectives.logprobs import masked_mean
-from reasoning.rewards.math import extract_answer
-from reasoning.rewards.verifier import correctness
-from reasoning.rollout import Rollout
-from reasoning.trainers.base import (
-    RewardFunction,
-    RolloutTrainer,
-    RolloutTrainerConfig,
-    is_peft_model,
-)
+from reasoning.rollout import Rollout, Sampling
+from reasoning.rollout.hf import HFEngine
+from reasoning.trainers.base import LossOutput, RewardFunction, RolloutTrainer
+from reasoning.trainers.bayes_config import FEATURES, BayesConfig, final_answer
 
-DIVERGENCES = ("fkl", "rkl", "js", "tv")
-TARGETS = ("tilt", "pointwise", "moments")
-PROPOSALS = ("online", "offline")
-UPDATE_METRICS = ("kl", "tv", "always")
-BASELINES = ("gdc++", "moving_average", "none")
-
-
-@dataclass
-class BayesConfig(RolloutTrainerConfig):
-    """The `bayes:` section of a recipe."""
-
-    divergence: str = field(
-        default="fkl",
-        metadata={"help": "fkl (DPG: KL(p‖π)), rkl (KL-RL: KL(π‖p)), js or tv (f-DPG)."},
-    )
-    target: str = field(
-        default="pointwise",
-        metadata={"help": "tilt a·exp(r/β), pointwise a·1[r ≥ threshold], moments a·exp(λ·φ)."},
-    )
-    beta: float = field(default=0.1, metadata={"help": "Temperature β of the tilt a·exp(r/β)."})
-    constraint_threshold: float = field(
-        default=1.0, metadata={"help": "Pointwise constraint b(x) = 1[combined reward ≥ this]."}
-    )
-    moment_features: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Feature names φ_i of a moment target (uses_multiplication, correct, ...)."},
-    )
-    moment_targets: list[float] = field(
-        default_factory=list, metadata={"help": "Target moments E_p[φ_i], one per feature."}
-    )
-    moment_lambdas: list[float] | None = field(
-        default=None, metadata={"help": "Fixed λ of the moment target (default: fitted before training)."}
-    )
-    moment_fit_samples: int = field(
-        default=512, metadata={"help": "Samples from the proposal used to fit λ by self-normalised IS."}
-    )
-    moments_with_constraint: bool = field(
-        default=False,
-        metadata={"help": "Moment target on top of the pointwise one: a·b·exp(λ·φ) (moments of correct x)."},
-    )
-    proposal: str = field(
-        default="online", metadata={"help": "online (q = π) or offline (q = a frozen snapshot of π)."}
-    )
-    proposal_update_every: int = field(
-        default=1, metadata={"help": "Offline: consider replacing q by π every this many generations."}
-    )
-    proposal_update_metric: str = field(
-        default="kl",
-        metadata={"help": "Offline update rule: kl (KL(p‖π) < KL(p‖q)), tv, or always (periodic snapshot)."},
-    )
-    baseline: str = field(
-        default="gdc++",
-        metadata={
-            "help": "gdc++ (c·π/q, c = 1 for fkl), moving_average (b·π/q, b = windowed mean of −f′(π/p), "
-            "as naver/disco) or none."
-        },
-    )
-    baseline_window: int = field(
-        default=1024,
-        metadata={
-            "help": "moving_average: b averages −f′(π/p) over the last this many samples (disco: 1024)."
-        },
-    )
-    conditional: bool = field(
-        default=True, metadata={"help": "One Z per prompt (conditional target) instead of one for the batch."}
-    )
-    z_window: int = field(
-        default=0, metadata={"help": "Ẑ pools the last W estimates (per prompt when conditional); 0 = all."}
-    )
-    max_pseudo_reward: float | None = field(
-        default=None, metadata={"help": "Clip |R − B| at this value (biased; tames offline weights)."}
-    )
-    score_with_sampling_warpers: bool = field(
-        default=False,
-        metadata={
-            "help": "Allow temperature ≠ 1 / top-k / top-p: a, π and q are then the warped distributions."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        for name, value, choices in (
-            ("divergence", self.divergence, DIVERGENCES),
-            ("target", self.target, TARGETS),
-            ("proposal", self.proposal, PROPOSALS),
-            ("proposal_update_metric", self.proposal_update_metric, UPDATE_METRICS),
-            ("baseline", self.baseline, BASELINES),
-        ):
-            if value not in choices:
-                raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta} (β → 0 is the pointwise target)")
-        if self.divergence == "rkl" and (
-            self.target == "pointwise" or (self.target == "moments" and self.moments_with_constraint)
-        ):
-            raise ValueError(
-                "divergence rkl (KL-RL) needs a target with P(x) > 0 everywhere: KL(π‖p) is infinite when "
-                "p(x) = 0 where π(x) > 0; use target tilt (a·exp(r/β), small β approaches the constraint) "
-                "or divergence fkl / js / tv"
-            )
-        if self.target == "moments":
-            if not self.moment_features:
-                raise ValueError("target moments needs moment_features (e.g. [uses_multiplication])")
-            given = self.moment_lambdas if self.moment_lambdas is not None else self.moment_targets
-            if len(given) != len(self.moment_features):
-                what = "moment_lambdas" if self.moment_lambdas is not None else "moment_targets"
-                raise ValueError(
-                    f"{len(self.moment_features)} moment_features but {len(given)} {what}; give one per feature"
-                )
-        if self.proposal_update_every < 1:
-            raise ValueError(f"proposal_update_every must be >= 1, got {self.proposal_update_every}")
-        if self.baseline_window < 1:
-            raise ValueError(f"baseline_window must be >= 1 (samples), got {self.baseline_window}")
-        if self.z_window < 0:
-            raise ValueError(f"z_window must be >= 0 (0 = all samples), got {self.z_window}")
-
-
-# ------------------------------------------------------------------------------------- features
-
-
-def final_answer(text: str) -> str | None:
-    """The final answer of a completion: after the plain template's `A:` marker, else a boxed answer."""
-    _, answer = PlainTemplate().split_completion(text)
-    return answer if answer is not None else extract_answer(text)
-
-
-def _answer_uses(symbol: str, name: str) -> RewardFunction:
-    def feature(prompts: list, completions: list, **columns: Any) -> list[float]:
-        answers = [final_answer(str(c)) for c in completions]
-        return [float(a is not None and symbol in a) for a in answers]
-
-    feature.__name__ = name
-    return feature
-
-
-# Named features φ(x) for moment targets, TRL reward signature; more can be passed as `feature_funcs=`.
-FEATURES: dict[str, RewardFunction] = {
-    "uses_multiplication": _answer_uses("*", "uses_multiplication"),
-    "uses_division": _answer_uses("/", "uses_division"),
-    "uses_addition": _answer_uses("+", "uses_addition"),
-    "uses_subtraction": _answer_uses("-", "uses_subtraction"),
-    "correct": correctness,
-}
+__all__ = ["FEATURES", "BayesConfig", "BayesTrainer", "distinct_n", "final_answer"]
 
 
 def distinct_n(sequences: list[list[int]], n: int) -> float:
     """Distinct-n: unique n-grams / all n-grams over `sequences` (1.0 when there are none)."""
     grams = [tuple(s[i : i + n]) for s in sequences for i in range(len(s) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 1.0
-
-
-def check_sampling_warpers(sampling: Any, config: BayesConfig) -> None:
-    """Raise unless the importance weights can be computed with the warpers used for sampling."""
-    if sampling.temperature == 0:
-        raise ValueError(
-            "BayesTrainer needs stochastic sampling: temperature 0 (greedy) is not a distribution q(x), "
-            "so importance weights P(x)/q(x) do not exist; sample with temperature 1"
-        )
-    warped = sampling.temperature != 1 or sampling.top_k > 0 or sampling.top_p < 1
-    if warped and not config.score_with_sampling_warpers:
-        raise ValueError(
-            f"BayesTrainer: sampling uses warpers (temperature={sampling.temperature}, top_k={sampling.top_k}, "
-            f"top_p={sampling.top_p}) but the target is defined with the unwarped base a(x): the importance "
-            "weights P(x)/q(x) would compare a temperature-1 base with a warped proposal and be wrong. "
-            "Either sample with temperature 1, top_k 0, top_p 1 (the `rollout:` section), or set "
-            "`score_with_sampling_warpers: true` (the `bayes:` section) to score a, π and q with the same "
-            "warpers, which makes the target the warped base a_T·b (or a_T·exp(r/β))"
-        )
-
-
-def fit_conditional_moment_lambdas(
-    features: torch.Tensor,
-    log_base_minus_log_proposal: torch.Tensor,
-    index: torch.Tensor,
-    target_moments: torch.Tensor,
-    max_iter: int = 200,
-) -> torch.Tensor:
-    """λ `[M]` with mean_c Ê_{p_λ(·|c)}[φ] = μ̄ for conditional targets p_λ(x|c) ∝ a(x|c)·exp(λ·φ(x)).
-
-    `features [N, M]`, `log_base_minus_log_proposal [N]`, context `index [N]`, `target_moments [M]`.
-    Minimises the convex dual mean_c log Ẑ_c(λ) − λ·μ̄ (its gradient is the mean over contexts of the
-    self-normalised moments minus μ̄) with L-BFGS in float64; contexts without any sample of positive
-    weight are left out. One context reduces to `fit_moment_lambdas`.
-    """
-    phi = features.double()
-    log_w0 = log_base_minus_log_proposal.double()
-    mu = torch.as_tensor(target_moments, dtype=torch.float64).reshape(-1)
-    num = int(index.max()) + 1
-    has_mass = group_log_mean_exp(log_w0, index, num).isfinite()
-    lam = torch.zeros(phi.shape[-1], dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [lam],
-        lr=1,
-        max_iter=max_iter,
-        tolerance_grad=1e-10,
-        tolerance_change=1e-14,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        shifted = torch.where(log_w0.isfinite(), log_w0 + phi @ lam, log_w0)
-        dual = group_log_mean_exp(shifted, index, num)[has_mass].mean() - lam @ mu
-        dual.backward()
-        return dual
-
-    optimizer.step(closure)
-    return lam.detach()
 
 
 # --------------------------------------------------------------------------------------- trainer
@@ -281,13 +76,33 @@ class BayesTrainer(RolloutTrainer):
     """Distribution matching / KL-regularised RL towards p ∝ a·(tilt) (see the module docstring).
 
     Extra constructor arguments: `base_model` (the frozen a; default a frozen copy of the starting
-    policy, or the adapter-disabled policy when it is a PEFT model) and `feature_funcs` (name ->
-    TRL-style function, extending `FEATURES` for moment targets).
+    policy, or the adapter-disabled policy when it is a PEFT model: `RolloutTrainer.frozen_model`) and
+    `feature_funcs` (name -> TRL-style function, extending `FEATURES` for moment targets).
     """
 
-    scores_top_k_top_p = True  # `policy_logprobs` applies the sampling warpers
+    scores_top_k_top_p = True  # a, π and q are scored with every sampling warper (`policy_logprobs`)
 
     config: BayesConfig
+
+    @classmethod
+    def check_sampling(cls, config: BayesConfig, sampling: Sampling) -> None:
+        """The base rule, and: the importance weights can be computed with the warpers used for sampling."""
+        super().check_sampling(config, sampling)
+        if sampling.temperature == 0:
+            raise ValueError(
+                "BayesTrainer needs stochastic sampling: temperature 0 (greedy) is not a distribution q(x), "
+                "so importance weights P(x)/q(x) do not exist; sample with temperature 1"
+            )
+        warped = sampling.temperature != 1 or sampling.top_k > 0 or sampling.top_p < 1
+        if warped and not config.score_with_sampling_warpers:
+            raise ValueError(
+                f"BayesTrainer: sampling uses warpers (temperature={sampling.temperature}, top_k={sampling.top_k}, "
+                f"top_p={sampling.top_p}) but the target is defined with the unwarped base a(x): the importance "
+                "weights P(x)/q(x) would compare a temperature-1 base with a warped proposal and be wrong. "
+                "Either sample with temperature 1, top_k 0, top_p 1 (the `rollout:` section), or set "
+                "`score_with_sampling_warpers: true` (the `bayes:` section) to score a, π and q with the same "
+                "warpers, which makes the target the warped base a_T·b (or a_T·exp(r/β))"
+            )
 
     def __init__(
         self,
@@ -296,17 +111,12 @@ class BayesTrainer(RolloutTrainer):
         feature_funcs: dict[str, RewardFunction] | None = None,
         **kwargs: Any,
     ) -> None:
-        bound = inspect.signature(RolloutTrainer.__init__).bind(self, *args, **kwargs).arguments
-        check_sampling_warpers(bound["sampling"], bound["config"])  # fail before the dataset is mapped
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # checks the sampling warpers first (`check_sampling`)
         cfg = self.config
         policy = self.accelerator.unwrap_model(self.model)
-        self.base_model = base_model
-        if base_model is None and not is_peft_model(policy):
-            self.base_model = self.policy_copy()  # under ZeRO-3: a partitioned inference engine
-        if self.base_model is not None:
-            self.base_model.eval()  # (a DeepSpeed engine's eval() returns None)
-            self.base_model.requires_grad_(False)
+        self.base = self.frozen_model(base_model)  # under ZeRO-3 a copy is a partitioned inference engine
+        # the separate frozen module, None when a PEFT policy's adapter-disabled base is a
+        self.base_model = None if self.base.adapter else self.base.module
         available = {**FEATURES, **(feature_funcs or {})}
         unknown = [name for name in cfg.moment_features if name not in available]
         if unknown:
@@ -332,12 +142,11 @@ class BayesTrainer(RolloutTrainer):
                     "bayes.proposal: offline is not supported under DeepSpeed ZeRO-3; use proposal: online "
                     "or ZeRO-2"
                 )
-            self.proposal_model = self.policy_copy()
+            self.proposal = self.frozen_model(kind="copy")
+            self.proposal_model = self.proposal.module
             self._proposal_dirty = True  # the engine must hold q before the first generation
             if getattr(self.engine, "model", None) is policy:
                 # an hf engine wrapping the live policy would sample from π: give it the snapshot q
-                from reasoning.rollout.hf import HFEngine
-
                 self.engine = HFEngine(model=self.proposal_model, tokenizer=self.processing_class)
 
     # ------------------------------------------------------------------ models
@@ -354,48 +163,16 @@ class BayesTrainer(RolloutTrainer):
     def needs_old_logprobs(self) -> bool:
         return False  # the pseudo-rewards use log q (engine or snapshot) and the live log π
 
-    @torch.no_grad()
     def base_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-token log a(x) under the frozen base, with the sampling warpers (as `policy_logprobs`)."""
-        if self.base_model is not None:
-            return self.logprobs_without_grad(self.base_model, batch)
-        with self.accelerator.unwrap_model(self.model).disable_adapter():
-            return self.logprobs_without_grad(self.model, batch)
+        """Per-token log a(x) `[B, T]` under the frozen base, with the sampling warpers (as `policy_logprobs`)."""
+        return self.base.logprobs(batch)
 
-    def policy_logprobs(
-        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], with_entropy: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The base's chunked path (temperature only); with top-k / top-p, the full warped distribution."""
-        if self.sampling.top_k == 0 and self.sampling.top_p >= 1:
-            return super().policy_logprobs(model, batch, with_entropy=with_entropy)
-        from transformers import (
-            LogitsProcessorList,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
-
-        device = next(model.parameters()).device
-        prompt_ids, completion_ids = batch["prompt_ids"].to(device), batch["completion_ids"].to(device)
-        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1).to(device)
-        width = completion_ids.shape[1]
-        logits = model(
-            input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
-            attention_mask=attention,
-            logits_to_keep=width + 1,
-        ).logits[:, :-1]
-        warpers = LogitsProcessorList([TemperatureLogitsWarper(self.sampling.temperature)])
-        if self.sampling.top_k:
-            warpers.append(TopKLogitsWarper(self.sampling.top_k))
-        if self.sampling.top_p < 1:
-            warpers.append(TopPLogitsWarper(self.sampling.top_p))
-        flat = warpers(None, logits.float().reshape(-1, logits.shape[-1]))
-        logp = (
-            torch.log_softmax(flat, dim=-1).gather(-1, completion_ids.reshape(-1, 1)).view_as(completion_ids)
-        )
-        # padding positions may hold tokens the warpers exclude (log-prob −inf): zero them, as masked anyway
-        logp = logp.masked_fill(~batch["completion_mask"].to(device).bool(), 0.0)
-        return logp.float(), None
+    def _proposal_sequence_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log q(x) `[N]`: engine log-probs online (q = π), teacher forcing of the snapshot offline."""
+        mask = batch["completion_mask"].float()
+        if self.config.proposal == "online":
+            return (batch["engine_logprobs"] * mask).sum(-1)
+        return (self.proposal.logprobs(batch) * mask).sum(-1)
 
     def record(self, name: str, value: float | torch.Tensor) -> None:
         """As the base, but an undefined estimate (nan: no prompt with Ẑ > 0 yet) is not logged."""
@@ -403,41 +180,19 @@ class BayesTrainer(RolloutTrainer):
             super().record(name, value)
 
     # ------------------------------------------------------------------ target
-    def _call_on_rollouts(
-        self, functions: list[RewardFunction], rows: list[dict[str, Any]], groups: list[list[Rollout]]
-    ) -> torch.Tensor:
+    def features(self, rows: list[dict[str, Any]], groups: list[list[Rollout]]) -> torch.Tensor:
+        """φ(x) `[N, M]` of every rollout (float64; not applicable or a skipped failure counts as 0, as in
+        the reward sum)."""
         flat_rows = [row for row, group in zip(rows, groups) for _ in group]
         rollouts = [r for group in groups for r in group]
-        columns = {
-            k: [row[k] for row in flat_rows] for k in flat_rows[0] if k not in ("prompt", "prompt_ids")
-        }
-        columns["trainer_state"] = self.state
-        table = self.call_rewards(
-            functions,
-            [row["prompt"] for row in flat_rows],
-            [r.text for r in rollouts],
-            [r.completion_ids for r in rollouts],
-            columns,
+        table = self.reward_table(
+            flat_rows, [r.text for r in rollouts], [r.completion_ids for r in rollouts], self.feature_funcs
         )
-        # a not-applicable or (reward_failures: skip) failed value counts as 0, as in the reward sum
-        return table.nan_to_num(nan=0.0)
+        return table.nan_to_num(nan=0.0).double()
 
     def constraint(self, rewards: torch.Tensor) -> torch.Tensor:
         """b(x) = 1[r(x) ≥ threshold], bool `[N]`."""
         return rewards >= self.config.constraint_threshold
-
-    def target_log_prob(
-        self, log_base: torch.Tensor, rewards: torch.Tensor, features: torch.Tensor | None
-    ) -> torch.Tensor:
-        """log P(x) `[N]` of the configured target from log a(x), the combined reward and φ(x)."""
-        cfg = self.config
-        if cfg.target == "tilt":
-            return log_target(log_base, rewards, cfg.beta)
-        if cfg.target == "pointwise" or cfg.moments_with_constraint:
-            log_base = pointwise_log_target(log_base, self.constraint(rewards))
-        if cfg.target == "pointwise":
-            return log_base
-        return moment_log_target(log_base, features, self.moment_lambdas)
 
     def fit_moments(self) -> torch.Tensor:
         """Fit λ of the moment target on `moment_fit_samples` fresh samples of the proposal (SNIS).
@@ -457,7 +212,7 @@ class BayesTrainer(RolloutTrainer):
         mask = batch["completion_mask"].float()
         log_base = (self.base_logprobs(batch) * mask).sum(-1)
         log_q = self._proposal_sequence_logprobs(batch)
-        features = self._call_on_rollouts(self.feature_funcs, rows, groups).double()
+        features = self.features(rows, groups)
         log_w0 = (log_base - log_q).double()
         if cfg.moments_with_constraint:
             rewards = self.combine_rewards(self.score(rows, groups))
@@ -468,16 +223,12 @@ class BayesTrainer(RolloutTrainer):
             lambdas = fit_conditional_moment_lambdas(features, log_w0, index, targets)
             shifted = moment_log_target(log_w0, features, lambdas).view(-1, size)
             keep = shifted.isfinite().any(-1)
-            moments = self_normalized_moments(
-                features.view(-1, size, features.shape[-1])[keep], shifted[keep]
-            )
-            moments = moments.mean(0)
+            grouped = features.view(-1, size, features.shape[-1])
+            moments = self_normalized_moments(grouped[keep], shifted[keep]).mean(0)
         else:
             lambdas = fit_moment_lambdas(features, log_w0, targets)
             moments = self_normalized_moments(features, moment_log_target(log_w0, features, lambdas))
         if self.accelerator.num_processes > 1:  # one target for every rank: rank 0's fit
-            from accelerate.utils import broadcast
-
             lambdas = broadcast(lambdas.double().to(self.accelerator.device), from_process=0).cpu()
         self.moment_lambdas = lambdas.double()
         for name, lam, moment in zip(cfg.moment_features, lambdas.tolist(), moments.tolist()):
@@ -485,56 +236,19 @@ class BayesTrainer(RolloutTrainer):
             self.record(f"bayes/fitted_moment/{name}", moment)
         return self.moment_lambdas
 
-    def _proposal_sequence_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """log q(x) `[N]`: engine log-probs online (q = π), teacher forcing of the snapshot offline."""
-        mask = batch["completion_mask"].float()
-        if self.config.proposal == "online":
-            return (batch["engine_logprobs"] * mask).sum(-1)
-        return (self.logprobs_without_grad(self.proposal_model, batch) * mask).sum(-1)
-
     # ------------------------------------------------------------------ Z
     def _pooled_log_z(self, keys: list[str], log_means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Add this batch's estimates to the running ones and return the pooled log Ẑ per key `[C]`.
 
         Under data parallelism every rank adds every rank's estimates (one all-gather), so the ranks
         hold the same state (a checkpoint written by rank 0 has every prompt's) and the batch-wide Z
-        (key "") is the global batch's; estimates of one key from one call are pooled into one entry.
+        (key "") is the global batch's (`objectives.bayes.add_log_z_estimates`).
         """
-        window = self.config.z_window
         entries = list(zip(keys, log_means.tolist(), counts.tolist()))
         if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
             entries = gather_object(entries)
-        merged: dict[str, list[tuple[float, float]]] = {}
-        for key, value, count in entries:
-            merged.setdefault(key, []).append((value, count))
-        for key, parts in merged.items():
-            if len(parts) > 1:
-                values = torch.tensor([v for v, _ in parts], dtype=torch.float64)
-                sizes = torch.tensor([n for _, n in parts], dtype=torch.float64)
-                parts = [(float(pool_log_means(values, sizes)), float(sizes.sum()))]
-            value, count = parts[0]
-            history = self.log_z_state.setdefault(key, [])
-            history.append((value, count))
-            if window:
-                del history[:-window]
-            elif len(history) > 1:
-                pooled = pool_log_means(
-                    torch.tensor([v for v, _ in history], dtype=torch.float64),
-                    torch.tensor([n for _, n in history], dtype=torch.float64),
-                )
-                history[:] = [(float(pooled), sum(n for _, n in history))]
-        out = []
-        for key in keys:
-            history = self.log_z_state[key]
-            out.append(
-                pool_log_means(
-                    torch.tensor([v for v, _ in history], dtype=torch.float64),
-                    torch.tensor([n for _, n in history], dtype=torch.float64),
-                )
-            )
-        return torch.stack(out)
+        add_log_z_estimates(self.log_z_state, entries, self.config.z_window)
+        return torch.stack([pooled_log_z(self.log_z_state[key]) for key in keys])
 
     # ------------------------------------------------------------------ batch
     def build_batch(
@@ -558,8 +272,11 @@ class BayesTrainer(RolloutTrainer):
         if cfg.target == "moments":
             if self.moment_lambdas is None:
                 self.fit_moments()
-            features = self._call_on_rollouts(self.feature_funcs, rows, groups).double()
-        log_p = self.target_log_prob(log_base, r, features)
+            features = self.features(rows, groups)
+        log_p = configured_log_target(
+            cfg.target, log_base, r, beta=cfg.beta, threshold=cfg.constraint_threshold, features=features,
+            lambdas=self.moment_lambdas, with_constraint=cfg.moments_with_constraint,
+        )  # fmt: skip
 
         # one Z per prompt (conditional) or one for the batch, pooled with earlier estimates
         if cfg.conditional:
@@ -579,16 +296,13 @@ class BayesTrainer(RolloutTrainer):
         reward_now = pseudo_reward(cfg.divergence, log_p, per_sample_log_z, log_pi, log_q)
         reward_now = torch.where(per_sample_log_z.isfinite(), reward_now, torch.zeros_like(reward_now))
         ratio = torch.exp(log_pi - log_q)
-        # batch-wide statistics over every rank's samples (a context's samples stay on one rank)
-        all_rewards, _ = self.gather_generation(reward_now)
-        all_ratios, _ = self.gather_generation(ratio)
-        if cfg.divergence == "fkl":
-            coefficient = torch.ones(n, dtype=torch.float64)
-        elif cfg.conditional:  # c = E_π[R·q/π] by self-normalised IS, per context (or batch)
-            coefficient = reward_now.view(shape).sum(-1) / ratio.view(shape).sum(-1)
-            coefficient = coefficient.repeat_interleave(size)
-        else:
-            coefficient = (all_rewards.sum() / all_ratios.sum()).expand(n)
+        if cfg.conditional or cfg.divergence == "fkl":  # a context's samples stay on one rank
+            coefficient = gdcpp_coefficient(cfg.divergence, reward_now.view(shape), ratio.view(shape))
+            coefficient = coefficient.repeat_interleave(n // coefficient.numel())
+        else:  # batch-wide: over every rank's samples
+            all_rewards, _ = self.gather_generation(reward_now)
+            all_ratios, _ = self.gather_generation(ratio)
+            coefficient = gdcpp_coefficient(cfg.divergence, all_rewards, all_ratios).expand(n)
         used = 0.0
         if cfg.baseline == "moving_average":
             # disco: b is the window's mean before this batch (none at first), then the batch's −f′(π/p)
@@ -597,10 +311,10 @@ class BayesTrainer(RolloutTrainer):
             pointwise = f_pseudo_reward(cfg.divergence, log_p, per_sample_log_z, log_pi)
             all_pointwise, _ = self.gather_generation(pointwise)
             all_finite, _ = self.gather_generation(per_sample_log_z.isfinite().double())
-            window = self.baseline_window_values + all_pointwise[all_finite > 0].tolist()
-            self.baseline_window_values = window[-cfg.baseline_window :]
-            if self.baseline_window_values:
-                self.baseline_value = sum(self.baseline_window_values) / len(self.baseline_window_values)
+            self.baseline_window_values, mean = windowed_mean(
+                self.baseline_window_values, all_pointwise[all_finite > 0].tolist(), cfg.baseline_window
+            )
+            self.baseline_value = mean if mean is not None else self.baseline_value
             self.record("bayes/baseline", used)
         batch.update(
             log_target=log_p.float(),
@@ -610,66 +324,55 @@ class BayesTrainer(RolloutTrainer):
             baseline_coef=coefficient.float(),
             baseline_value=torch.full((n,), used, dtype=torch.float32),
         )
-        self._record_estimates(
-            rows, groups, batch, log_p, log_pi, log_q, log_base, context_log_z, shape, features
-        )
+        self._record_estimates(groups, batch, log_p, log_pi, log_q, log_base, context_log_z, shape, features)
         self._maybe_update_proposal(log_p, log_pi, log_q, context_log_z, shape)
         return batch
 
     def _record_estimates(
-        self,
-        rows: list[dict[str, Any]],
-        groups: list[list[Rollout]],
-        batch: dict[str, torch.Tensor],
-        log_p: torch.Tensor,
-        log_pi: torch.Tensor,
-        log_q: torch.Tensor,
-        log_base: torch.Tensor,
-        context_log_z: torch.Tensor,
-        shape: tuple[int, int],
-        features: torch.Tensor | None,
-    ) -> None:
+        self, groups: list[list[Rollout]], batch: dict[str, torch.Tensor], log_p: torch.Tensor,
+        log_pi: torch.Tensor, log_q: torch.Tensor, log_base: torch.Tensor, context_log_z: torch.Tensor,
+        shape: tuple[int, int], features: torch.Tensor | None,
+    ) -> None:  # fmt: skip
+        """The generation's estimates (averaged over prompts with Ẑ > 0) and its diversity per group."""
         cfg = self.config
         lp, lpi, lq, la = (t.view(shape) for t in (log_p, log_pi, log_q, log_base))
-        finite = context_log_z.isfinite()
-        self.record("bayes/contexts_with_target_mass", finite.double().mean())
-        self.record("bayes/log_z_batch", _nanmean(estimate_log_z(lp, lq), finite))
-        self.record("bayes/log_z", _nanmean(context_log_z, finite))
-        self.record("bayes/z", _nanmean(context_log_z.exp(), finite))
-        if finite.any():
-            self.record(
-                "bayes/kl_target_policy", _nanmean(estimate_forward_kl(lp, lpi, lq, context_log_z), finite)
-            )
-            self.record("bayes/tv_target_policy", _nanmean(estimate_tv(lp, lpi, lq, context_log_z), finite))
-            ess = effective_sample_size(lp - lq)
-            self.record("bayes/ess", _nanmean(ess, finite))
-            self.record("bayes/ess_fraction", _nanmean(ess / lp.shape[-1], finite))
-        self.record("bayes/kl_policy_base", estimate_kl_policy_base(lpi, la, lq).mean())
-        ratio = torch.exp(log_pi - log_q)
-        self.record("bayes/reward", (ratio * batch["rewards"].double()).mean())
+        finite, ratio = context_log_z.isfinite(), torch.exp(log_pi - log_q)
         correct = self.constraint(batch["rewards"])
-        self.record("bayes/constraint", (ratio * correct.double()).mean())
-        if features is not None:
-            for j, name in enumerate(cfg.moment_features):
-                self.record(f"bayes/moment/{name}", (ratio * features[:, j]).mean())
+        metrics = {
+            "bayes/contexts_with_target_mass": finite.double().mean(),
+            "bayes/log_z_batch": _nanmean(estimate_log_z(lp, lq), finite),
+            "bayes/log_z": _nanmean(context_log_z, finite),
+            "bayes/z": _nanmean(context_log_z.exp(), finite),
+            "bayes/kl_policy_base": estimate_kl_policy_base(lpi, la, lq).mean(),
+            "bayes/reward": (ratio * batch["rewards"].double()).mean(),
+            "bayes/constraint": (ratio * correct.double()).mean(),
+        }
+        if finite.any():
+            ess = effective_sample_size(lp - lq)
+            metrics["bayes/kl_target_policy"] = _nanmean(
+                estimate_forward_kl(lp, lpi, lq, context_log_z), finite
+            )
+            metrics["bayes/tv_target_policy"] = _nanmean(estimate_tv(lp, lpi, lq, context_log_z), finite)
+            metrics["bayes/ess"] = _nanmean(ess, finite)
+            metrics["bayes/ess_fraction"] = _nanmean(ess / lp.shape[-1], finite)
+        for j, name in enumerate(cfg.moment_features if features is not None else []):
+            metrics[f"bayes/moment/{name}"] = (ratio * features[:, j]).mean()
         if cfg.proposal == "online":
-            self.record("bayes/proposal_updated", 1.0)
+            metrics["bayes/proposal_updated"] = 1.0
         # diversity within each prompt's group
         answers, correct_answers, d1, d2 = [], [], [], []
-        i = 0
-        for group in groups:
+        for group, ok in zip(groups, correct.split([len(g) for g in groups])):
             parsed = [final_answer(r.text) for r in group]
             answers.append(len({"".join(a.split()) for a in parsed if a}))
-            correct_answers.append(
-                len({"".join(a.split()) for a, ok in zip(parsed, correct[i : i + len(group)]) if a and ok})
-            )
+            correct_answers.append(len({"".join(a.split()) for a, good in zip(parsed, ok) if a and good}))
             d1.append(distinct_n([r.completion_ids for r in group], 1))
             d2.append(distinct_n([r.completion_ids for r in group], 2))
-            i += len(group)
-        self.record("diversity/distinct_answers", sum(answers) / len(answers))
-        self.record("diversity/distinct_correct_answers", sum(correct_answers) / len(correct_answers))
-        self.record("diversity/distinct_1", sum(d1) / len(d1))
-        self.record("diversity/distinct_2", sum(d2) / len(d2))
+        metrics["diversity/distinct_answers"] = sum(answers) / len(answers)
+        metrics["diversity/distinct_correct_answers"] = sum(correct_answers) / len(correct_answers)
+        metrics["diversity/distinct_1"] = sum(d1) / len(d1)
+        metrics["diversity/distinct_2"] = sum(d2) / len(d2)
+        for name, value in metrics.items():
+            self.record(name, value)
 
     def _maybe_update_proposal(
         self,
@@ -726,14 +429,15 @@ class BayesTrainer(RolloutTrainer):
         self.proposal_updates += 1
 
     # ------------------------------------------------------------------ loss
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        """−mean_i (R_i − b·π/q) log π(x_i) over the micro-batch (`objectives.bayes.pseudo_reward_loss`)."""
         cfg = self.config
         mask = batch["completion_mask"].float()
         token_logp, _ = self.policy_logprobs(model, batch)
         log_pi = (token_logp * mask).sum(-1)
+        metrics: dict[str, Any] = {}
         if cfg.proposal == "online" and "engine_logprobs" in batch:
-            mismatch = (token_logp.detach() - batch["engine_logprobs"].to(token_logp.device)).abs()
-            self.record("sampling/logp_difference_mean", masked_mean(mismatch, mask))
+            metrics["sampling/logp_difference_mean"] = self.engine_mismatch(token_logp, batch)
         log_p, log_z, log_q = (
             batch[k].to(log_pi.device).double() for k in ("log_target", "log_z", "log_proposal")
         )
@@ -745,15 +449,10 @@ class BayesTrainer(RolloutTrainer):
         loss, advantage = pseudo_reward_loss(
             cfg.divergence, log_p, log_z, log_pi.double(), log_q, b, cfg.max_pseudo_reward
         )
-        self.record(
-            "bayes/pseudo_reward_mean", reward[log_z.isfinite()].mean() if log_z.isfinite().any() else 0.0
-        )
-        self.record("bayes/advantage_abs_mean", advantage.abs().mean())
-        accumulation = getattr(
-            self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
-        )
-        accumulation = accumulation if model.training else 1
-        return loss.to(log_pi.dtype) / accumulation
+        finite = log_z.isfinite()
+        metrics["bayes/pseudo_reward_mean"] = reward[finite].mean() if finite.any() else 0.0
+        metrics["bayes/advantage_abs_mean"] = advantage.abs().mean()
+        return LossOutput(loss.to(log_pi.dtype), metrics)
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_extra_state(self) -> dict[str, Any]:
@@ -791,12 +490,7 @@ def _nanmean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return chosen.mean() if chosen.numel() else torch.tensor(float("nan"))
 
 
-__all__ = [
-    "FEATURES",
-    "BayesConfig",
-    "BayesTrainer",
-    "check_sampling_warpers",
-    "distinct_n",
-    "final_answer",
-    "fit_conditional_moment_lambdas",
-]
+def _nanmean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of the finite `values` where `keep` (nan when none)."""
+    chosen = values[keep & values.isfinite()]
+    return chosen.mean() if chosen.numel() else torch.tensor(float("nan"))

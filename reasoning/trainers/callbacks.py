@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transformers import ProgressCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.integrations import TensorBoardCallback
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -248,8 +249,6 @@ def _markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
 def attach_run_callbacks(trainer: Trainer) -> None:
     """Swap transformers' progress bar for `MetricsProgressCallback` (when the bar is on) and add a
     `CompletionsTableCallback` when `report_to` includes tensorboard or wandb."""
-    from transformers.integrations import TensorBoardCallback
-
     callbacks = trainer.callback_handler.callbacks
     if any(type(cb) is ProgressCallback for cb in callbacks):
         trainer.remove_callback(ProgressCallback)

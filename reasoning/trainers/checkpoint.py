@@ -34,6 +34,8 @@ from transformers import TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from reasoning.models.lora import ADAPTER_DIR, is_peft_model
+
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete.json"
@@ -102,6 +104,30 @@ def _write_marker(folder: Path, info: dict[str, Any]) -> None:
     os.replace(tmp, folder / COMPLETE_MARKER)
 
 
+def save_trained_policy(trainer: Any, directory: str | Path) -> None:
+    """Save a `transformers.Trainer`'s model into `directory`; all ranks call this.
+
+    A plain model is saved as usual (`trainer.save_model`). A PEFT (LoRA) model is saved twice: the
+    adapter alone in `directory/adapter` (`trainer.save_model`, which handles DeepSpeed / FSDP state
+    dicts; `models.lora.load_lora_policy` reads it back) and the merged model W + ΔW in `directory`
+    itself (from `iter_full_weights`, which gathers ZeRO-3 shards module by module, so every rank
+    takes part), which transformers and vLLM load directly.
+    """
+    from reasoning.rollout.vllm_engine import iter_full_weights  # the weight streamer of the vllm engine
+
+    directory = Path(directory)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not is_peft_model(model):
+        trainer.save_model(str(directory))
+        return
+    trainer.save_model(str(directory / ADAPTER_DIR))
+    keep = trainer.args.should_save
+    # copies: ZeRO-3 gathered storage is released after each module
+    merged = {name: tensor.detach().clone() for name, tensor in iter_full_weights(model) if keep}
+    if keep:
+        model.get_base_model().save_pretrained(str(directory), state_dict=merged)
+
+
 def save_final_model(trainer: Any, path: str | Path, tokenizer: Any = None) -> None:
     """`trainer.save_model(path)` (and the tokenizer) made atomic: written to `<path>.partial`, then
     renamed, so `<path>/config.json` exists only for a whole model (runs test it to skip training)."""
@@ -111,8 +137,6 @@ def save_final_model(trainer: Any, path: str | Path, tokenizer: Any = None) -> N
     if main:
         shutil.rmtree(partial, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
-    from reasoning.models.lora import save_trained_policy  # a LoRA policy: merged model + adapter/
-
     save_trained_policy(trainer, partial)
     trainer.accelerator.wait_for_everyone()
     if main:

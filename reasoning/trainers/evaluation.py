@@ -40,12 +40,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from reasoning.data.templates import template_for
 from reasoning.eval.benchmarks import BENCHMARKS, load_benchmark
 from reasoning.eval.evaluate import benchmark_metrics, sample_batches
 from reasoning.rollout import RolloutEngine, Sampling
+from reasoning.rollout.hf import HFEngine
 from reasoning.trainers.callbacks import EVAL_TIME
 
 Graded = tuple[list[bool], list[str | None], list[int]]
@@ -166,8 +168,6 @@ class StepEvaluationCallback(TrainerCallback):
         if lend is not None:
             return lend()
         if self._own_engine is None:
-            from reasoning.rollout.hf import HFEngine
-
             policy = self.trainer.accelerator.unwrap_model(self.trainer.model)
             self._own_engine = HFEngine(model=policy, tokenizer=self.trainer.processing_class)
         return self._own_engine
@@ -202,8 +202,6 @@ class StepEvaluationCallback(TrainerCallback):
                             for i, (r, g) in enumerate(zip(rows, groups))
                         ]
             if world > 1:
-                from accelerate.utils import gather_object
-
                 graded = gather_object(graded)
             graded.sort(key=lambda row: row[0])
             values = benchmark_metrics([g[0] for _, g in graded], [g[1] for _, g in graded])

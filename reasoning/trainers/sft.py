@@ -45,6 +45,14 @@ class SFTConfig:
         default=False, metadata={"help": "Posterior order: answer first, then the explaining trace."}
     )
     hint_column: str = field(default="answer", metadata={"help": "Column used as the posterior's hint."})
+    both_templates: bool = field(
+        default=False,
+        metadata={
+            "help": "Every record gives two samples, one with the prior prompt and one with the hinted "
+            "posterior prompt: a warm-up for methods that sample from both (CoVRL) that keeps all the data "
+            "for each template (posterior_fraction splits it instead)."
+        },
+    )
     posterior_fraction: float = field(
         default=0.0,
         metadata={
@@ -84,26 +92,28 @@ def tokenize_sft(
     def encode_batch(rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
         fraction = 1.0 if config.posterior else config.posterior_fraction
         # the hint column is read only when some prompts carry a hint (prior-only data need not have it)
-        hints = rows[config.hint_column] if fraction else [None] * len(rows["question"])
-        prompts = [
-            template.posterior_prompt(q, h, tokenizer, hint_after=config.hint_after)
-            if _hinted(q, fraction)
-            else template.prior_prompt(q, tokenizer)
-            for q, h in zip(rows["question"], hints)
-        ]
-        completions = [template.completion(z, y) for z, y in zip(rows["solution"], rows["answer"])]
+        hinted = bool(fraction) or config.both_templates
+        hints = rows[config.hint_column] if hinted else [None] * len(rows["question"])
+        weights = [float(w) for w in rows.get("weight", [1.0] * len(rows["question"]))]
+        samples = []  # (prompt, completion, weight)
+        for q, h, z, y, w in zip(rows["question"], hints, rows["solution"], rows["answer"], weights):
+            posterior = template.posterior_prompt(q, h, tokenizer, hint_after=config.hint_after) if hinted else None
+            if config.both_templates:
+                prompts_of_row = [template.prior_prompt(q, tokenizer), posterior]
+            else:
+                prompts_of_row = [posterior if _hinted(q, fraction) else template.prior_prompt(q, tokenizer)]
+            samples += [(p, template.completion(z, y), w) for p in prompts_of_row]
+        prompts, completions, weights = (list(column) for column in zip(*samples)) if samples else ([], [], [])
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         completion_ids = [c + eos for c in tokenizer(completions, add_special_tokens=False)["input_ids"]]
         return {
             "input_ids": [p + c for p, c in zip(prompt_ids, completion_ids)],
             "labels": [[-100] * len(p) + c for p, c in zip(prompt_ids, completion_ids)],
-            "weight": [float(w) for w in rows.get("weight", [1.0] * len(prompts))],
+            "weight": weights,
         }
 
-    keep = [c for c in records.column_names if c == "weight"]
-    tokenized = records.map(
-        encode_batch, batched=True, remove_columns=[c for c in records.column_names if c not in keep]
-    )
+    # every input column goes (the output has its own `weight`): a row may become two samples
+    tokenized = records.map(encode_batch, batched=True, remove_columns=records.column_names)
     return tokenized.filter(lambda row: len(row["input_ids"]) <= config.max_length)
 
 

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 # Global sizes: per-rank sizes are these divided by the number of processes.
 GLOBAL_BATCH = 8  # completions (or SFT samples) per micro-step, all ranks together
-FAMILIES = ("sft", "grpo", "covrl", "bayes", "gflownet", "latent_thought")
+FAMILIES = ("sft", "grpo", "grpo_stale", "covrl", "bayes", "gflownet", "latent_thought")
 
 
 def family_recipe(family: str, model: str, latent_model: str, out: Path, world: int) -> dict[str, Any]:
@@ -58,6 +58,25 @@ def family_recipe(family: str, model: str, latent_model: str, out: Path, world: 
             "trainer": "grpo",
             "training": training,
             "grpo": {"num_generations": 4, "loss_type": "dapo", "scale_rewards": "batch", "beta": 0.1},
+        }
+    if family == "grpo_stale":
+        # one-step-off rollouts: step 2 trains on rollouts of step 1's weights, importance-weighted
+        # (the sync, the read-ahead of each rank's prompts and their seeds must agree across ranks)
+        return {
+            **common,
+            "trainer": "grpo",
+            "training": training,
+            "grpo": {"num_generations": 4, "loss_type": "dapo", "scale_rewards": "batch", "max_staleness": 1},
+        }
+    if family == "grpo_budget":
+        # token-budget chunks (`max_tokens_per_microbatch`): each rank cuts its own rows, so the ranks' chunk
+        # counts differ; grpo normalisation (per-sequence shares), π_ref through the planner too
+        return {
+            **common,
+            "trainer": "grpo",
+            "training": training,
+            "grpo": {"num_generations": 4, "loss_type": "grpo", "scale_rewards": "batch", "beta": 0.1,
+                     "max_tokens_per_microbatch": 130},
         }
     if family == "covrl":
         # per-rollout prior/posterior sources (the mixed path: one seeded request per rollout)
@@ -176,6 +195,16 @@ def run_family(family: str, model: str, latent_model: str, out: Path) -> None:
             engine=build_engine(recipe, policy, tokenizer, path),
             sampling=build_sampling(recipe, args.seed),
         )
+    plans: list[list[int]] = []  # token-budget runs: rows per chunk of every micro-step, in order
+    if getattr(getattr(trainer, "config", None), "max_tokens_per_microbatch", None):
+        plan = trainer.token_budget_micro_batches
+
+        def recorded(batch, order):
+            micro_steps = plan(batch, order)
+            plans.extend([len(c["completion_ids"]) for c in m["chunks"]] for m in micro_steps)
+            return micro_steps
+
+        trainer.token_budget_micro_batches = recorded
     trainer.train()
     # the engine-sync path: full tensors under checkpoint names (tied lm_head included)
     weights = {k: v.detach().cpu().clone() for k, v in iter_full_weights(trainer.model_wrapped)}
@@ -184,6 +213,7 @@ def run_family(family: str, model: str, latent_model: str, out: Path) -> None:
         "weights": weights,
         "state": trainer_state(trainer),
         "world_size": trainer.accelerator.num_processes,
+        "chunks": plans,
     }
     folder = out / family
     folder.mkdir(parents=True, exist_ok=True)

@@ -128,6 +128,45 @@ def test_two_ranks_match_one_process_for_every_family(trained_tiny_dir, tmp_path
                 )
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_ranks_match_one_process_with_token_budget_chunks(trained_tiny_dir, tmp_path):
+    """GRPO with `max_tokens_per_microbatch`: each rank plans its own rows, so a micro-step is a different
+    number of chunks on each rank (no_sync for all but the last, the non-finite check reduced once per
+    micro-step); the weights, loss and gradient norm are still the single process's."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+        str(RUNNER), str(tmp_path / "two"), str(trained_tiny_dir), "-", "grpo_budget",
+    ]  # fmt: skip
+    result = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
+    dp_runner.run_family("grpo_budget", str(trained_tiny_dir), "-", tmp_path / "one")
+
+    one = torch.load(tmp_path / "one" / "grpo_budget" / "rank0.pt", weights_only=False)
+    ranks = [torch.load(tmp_path / "two" / "grpo_budget" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert one["world_size"] == 1 and all(r["world_size"] == 2 for r in ranks)
+    # the ranks' micro-steps really are different numbers of chunks (so the comparison below means something)
+    counts = [[len(m) for m in rank["chunks"]] for rank in ranks]
+    assert len(counts[0]) == len(counts[1]) == 4 and counts[0] != counts[1], (ranks[0]["chunks"], ranks[1]["chunks"])
+    start = _initial_weights(trained_tiny_dir)
+    moved = max((one["weights"][k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-3, f"training did not move the weights ({moved})"
+    worst = max((one["weights"][k] - ranks[0]["weights"][k]).abs().max().item() for k in one["weights"])
+    assert worst < 1e-5, f"2-process weights differ from 1-process by {worst}"
+    for k in ranks[0]["weights"]:
+        assert torch.equal(ranks[0]["weights"][k], ranks[1]["weights"][k]), f"ranks disagree on {k}"
+    steps_one = [e for e in one["log_history"] if "loss" in e]
+    steps_two = [e for e in ranks[0]["log_history"] if "loss" in e]
+    assert len(steps_one) == len(steps_two) == 2
+    for a, b in zip(steps_one, steps_two):
+        for name in ("loss", "grad_norm", *SAMPLE_METRICS):
+            assert _close(a[name], b[name]), f"step {a['step']}: {name} {a[name]} vs {b[name]}"
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

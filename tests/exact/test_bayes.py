@@ -7,25 +7,32 @@ import torch
 from toy import SEQUENCES, VOCAB, random_logits, sample, token_logprobs
 
 from reasoning.objectives.bayes import (
+    add_log_z_estimates,
     combine_log_means,
+    configured_log_target,
     effective_sample_size,
     estimate_forward_kl,
     estimate_kl_policy_base,
     estimate_log_z,
     estimate_log_z_per_context,
     estimate_tv,
+    f_pseudo_reward,
+    fit_conditional_moment_lambdas,
     fit_moment_lambdas,
     fkl_pseudo_reward,
     gdcpp_baseline,
+    gdcpp_coefficient,
     log_moving_average,
     log_target,
     moment_log_target,
     moving_average,
     pointwise_log_target,
     pool_log_means,
+    pooled_log_z,
     pseudo_reward,
     rkl_pseudo_reward,
     self_normalized_moments,
+    windowed_mean,
 )
 
 BETA = 0.5
@@ -82,6 +89,25 @@ def test_targets_by_hand():
     assert torch.allclose(
         moment_log_target(log_base, phi, lambdas), log_base + 0.7 * phi[:, 0] - 0.4 * phi[:, 1]
     )
+
+
+def test_configured_log_target_is_the_recipe_target():
+    """The trainer's dispatch (`bayes.target`, β, the threshold of b, λ) against the formulas."""
+    log_base, _ = tilted_target()
+    r = rewards_of(SEQUENCES)
+    phi, lambdas = features_of(SEQUENCES), torch.tensor([0.7, -0.4], dtype=torch.float64)
+    common = dict(beta=BETA, threshold=1.0, features=phi, lambdas=lambdas)
+    assert torch.equal(configured_log_target("tilt", log_base, r, **common), log_base + r / BETA)
+    b = r >= 1.0
+    assert 0 < b.sum() < N_SEQ  # the threshold keeps some sequences and drops others
+    pointwise = configured_log_target("pointwise", log_base, r, **common)
+    assert torch.isneginf(pointwise[~b]).all() and torch.equal(pointwise[b], log_base[b])
+    tilt = log_base + phi @ lambdas
+    assert torch.allclose(configured_log_target("moments", log_base, r, **common), tilt)
+    both = configured_log_target("moments", log_base, r, **common, with_constraint=True)
+    assert torch.isneginf(both[~b]).all() and torch.allclose(both[b], tilt[b])
+    with pytest.raises(ValueError, match="moments with features"):
+        configured_log_target("moments", log_base, r, beta=BETA, threshold=1.0)
 
 
 # ------------------------------------------------------------------------------- partition function
@@ -168,6 +194,31 @@ def test_running_and_windowed_log_z_equal_the_pooled_estimate():
     out, n = combine_log_means(a, na, b, nb)
     expected = torch.log(torch.tensor([(2 * 1 + 1 * math.e) / 3, math.e]))
     assert torch.allclose(out[:2], expected) and torch.isneginf(out[2]) and torch.equal(n, na + nb)
+
+
+def test_running_log_z_histories_pool_the_samples_of_their_window():
+    """`add_log_z_estimates` (the trainer's per-prompt Ẑ state): window 0 keeps one entry, the log Ẑ of
+    every sample so far; window W the last W entries; two estimates of one key in one call are one entry."""
+    log_w = torch.randn(60, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) - 50
+    parts = torch.split(log_w, [10, 20, 5, 25])
+    batch = [float(estimate_log_z(b, torch.zeros_like(b))) for b in parts]
+
+    def exact(samples):
+        return estimate_log_z(samples, torch.zeros_like(samples))
+
+    everything, windowed = {}, {}
+    for value, part in zip(batch, parts):
+        for history, window in ((everything, 0), (windowed, 2)):
+            add_log_z_estimates(history, [("a", value, float(len(part)))], window)
+    assert len(everything["a"]) == 1 and everything["a"][0][1] == 60
+    assert torch.allclose(pooled_log_z(everything["a"]), exact(log_w), atol=1e-12, rtol=0)
+    assert [n for _, n in windowed["a"]] == [5.0, 25.0]
+    assert torch.allclose(pooled_log_z(windowed["a"]), exact(torch.cat(parts[2:])), atol=1e-12, rtol=0)
+    # one call with two ranks' estimates of "b" (and one of "c"): pooled into one entry each
+    merged = {}
+    add_log_z_estimates(merged, [("b", batch[0], 10.0), ("c", batch[2], 5.0), ("b", batch[1], 20.0)], 3)
+    assert len(merged["b"]) == 1 and merged["b"][0][1] == 30.0 and merged["c"] == [(batch[2], 5.0)]
+    assert torch.allclose(pooled_log_z(merged["b"]), exact(log_w[:30]), atol=1e-12, rtol=0)
 
 
 def test_moving_averages():
@@ -329,6 +380,34 @@ def test_gdcpp_baseline_keeps_the_gradient_and_cancels_at_the_target():
     assert at_target.abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("divergence", ["fkl", "rkl", "js", "tv"])
+def test_gdcpp_coefficient_is_the_policy_mean_of_r_f(divergence):
+    """c = Σ R / Σ π/q with every sequence drawn once from a uniform q is E_π[r_f] exactly; for fkl
+    E_π[p/π] = Σ p = 1, the constant the trainer uses."""
+    _, log_p = tilted_target()
+    log_z = torch.logsumexp(log_p, 0)
+    log_pi = seq_logp(random_logits(6))
+    exact = (log_pi.exp() * f_pseudo_reward(divergence, log_p, log_z, log_pi)).sum()
+    log_q = torch.full_like(log_pi, -math.log(N_SEQ))
+    reward, ratio = pseudo_reward(divergence, log_p, log_z, log_pi, log_q), (log_pi - log_q).exp()
+    grouped = gdcpp_coefficient(divergence, torch.stack([reward, reward]), torch.stack([ratio, ratio]))
+    assert grouped.shape == (2,)
+    if divergence == "fkl":
+        assert torch.equal(grouped, torch.ones(2, dtype=torch.float64))
+        assert abs(exact - 1) < 1e-12
+    else:
+        assert torch.allclose(grouped, exact.expand(2), atol=1e-12, rtol=0)
+
+
+def test_windowed_mean_is_discos_window():
+    """The moving-average baseline: the last `size` values and their mean (None while empty)."""
+    assert windowed_mean([], [], 3) == ([], None)
+    window, mean = windowed_mean([1.0, 2.0], [3.0, 4.0, 5.0], 3)
+    assert window == [3.0, 4.0, 5.0] and mean == 4.0
+    window, mean = windowed_mean([1.0], [2.0], 3)
+    assert window == [1.0, 2.0] and mean == 1.5
+
+
 # ---------------------------------------------------------------------------------- moment constraints
 
 
@@ -367,6 +446,30 @@ def test_lambda_fit_from_samples_of_the_base():
     # and the exact moments of the fitted target are close (sampling error only)
     exact = torch.softmax(moment_log_target(log_base, phi, lambdas.double()), 0) @ phi
     assert (exact - target_moments).abs().max() < 0.03
+
+
+def test_conditional_lambda_fit_meets_the_mean_moment_over_contexts_exactly():
+    """Three contexts with different bases, each enumerated once (uniform q: SNIS is exact); a fourth
+    with no mass is left out. The fit meets mean_c E_{p_λ(·|c)}[φ] = μ̄; one context is `fit_moment_lambdas`."""
+    phi = features_of(SEQUENCES)
+    bases = [seq_logp(random_logits(seed)) for seed in (0, 1, 2)]
+    true_lambdas = torch.tensor([0.5, -0.3], dtype=torch.float64)
+
+    def moments(log_base, lambdas):
+        return torch.softmax(moment_log_target(log_base, phi, lambdas), 0) @ phi
+
+    target = torch.stack([moments(b, true_lambdas) for b in bases]).mean(0)
+    log_w0 = torch.cat([*(b + math.log(N_SEQ) for b in bases), torch.full((N_SEQ,), float("-inf"))])
+    index = torch.arange(4).repeat_interleave(N_SEQ)
+    lambdas = fit_conditional_moment_lambdas(phi.repeat(4, 1), log_w0, index, target)
+    assert torch.isfinite(lambdas).all()
+    fitted = torch.stack([moments(b, lambdas) for b in bases]).mean(0)
+    assert (fitted - target).abs().max() < 1e-6
+    assert torch.allclose(lambdas, true_lambdas, atol=1e-4)
+    one = fit_conditional_moment_lambdas(
+        phi, bases[0] + math.log(N_SEQ), torch.zeros(N_SEQ, dtype=torch.long), target
+    )
+    assert torch.allclose(one, fit_moment_lambdas(phi, bases[0] + math.log(N_SEQ), target), atol=1e-5)
 
 
 # ------------------------------------------------------------------------ ESS and long sequences

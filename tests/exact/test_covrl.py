@@ -317,10 +317,10 @@ MARKER = 2  # the answer marker: a trace ends at its first 2; a sequence without
 
 def toy_traces():
     """Cut every toy sequence with the trainer's cutter: policy mask [27, 3], truncated [27], trace codes."""
-    from reasoning.rewards.likelihood import cut_trace
+    from reasoning.data.templates import cut_trace
 
     cuts = [
-        cut_trace(seq.tolist(), [MARKER], set(), truncated=MARKER not in seq.tolist()) for seq in SEQUENCES
+        cut_trace(seq.tolist(), [MARKER], set(), truncated=MARKER not in seq.tolist(), at="first") for seq in SEQUENCES
     ]
     policy = torch.tensor([[t < c.policy_length for t in range(SEQUENCES.shape[1])] for c in cuts]).float()
     trace_only = torch.tensor([[t < len(c.trace) for t in range(SEQUENCES.shape[1])] for c in cuts]).float()

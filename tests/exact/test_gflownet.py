@@ -13,10 +13,15 @@ import torch
 from toy import NUM_PREFIXES, SEQUENCES, prefix_index, token_logprobs
 
 from reasoning.objectives.gflownet import (
+    MLPHead,
+    ScalarLogZ,
+    balance_heads,
     detailed_balance,
     forward_looking_detailed_balance,
+    group_variances,
     mask_after_eos,
     modified_subtrajectory_balance,
+    reward_temperature_at,
     set_terminal_log_flow,
     subtb_log_normalizer,
     subtrajectory_balance,
@@ -397,3 +402,53 @@ def test_minimising_modified_subtb_learns_the_reward_distribution_without_log_z(
         loss.mean().backward()
         optimiser.step()
     assert total_variation(logits.detach(), log_reward) < 0.02
+
+
+# --- reward tempering, heads, calibration ------------------------------------------------------
+
+
+@pytest.mark.parametrize("start,end", [(1.1, 0.5), (0.5, 2.0), (1.0, 1.0)])
+def test_reward_temperature_schedules_equal_their_closed_forms(start, end):
+    """linear = interpolation between the end points; cosine = end + (start − end)·cos²(πu/2), the
+    half-angle form of (1 + cos πu)/2; both hold `end` after `steps`; constant and `end=None` hold `start`."""
+    steps = 150
+    for step in range(-3, 2 * steps):
+        u = min(max(step, 0), steps) / steps
+        linear = start * (1 - u) + end * u
+        cosine = end + (start - end) * math.cos(math.pi * u / 2) ** 2
+        assert reward_temperature_at(step, start, end, steps, "linear") == pytest.approx(linear, abs=1e-12)
+        assert reward_temperature_at(step, start, end, steps, "cosine") == pytest.approx(cosine, abs=1e-12)
+        assert reward_temperature_at(step, start, end, steps, "constant") == start
+        assert reward_temperature_at(step, start, None, steps, "linear") == start
+    assert reward_temperature_at(10, start, end, 0, "cosine") == start  # no schedule length: the start
+    with pytest.raises(ValueError, match="unknown reward temperature schedule 'step'"):
+        reward_temperature_at(10, start, end, steps, "step")
+
+
+def test_heads_start_at_their_init_and_compute_the_mlp():
+    features = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0))
+    head = MLPHead(16, width=8, init=1.5)
+    assert torch.equal(head(features), torch.full((3, 5), 1.5))  # zero-initialised last layer
+    torch.nn.init.normal_(head.outer.weight, generator=torch.Generator().manual_seed(1))
+    inner = features.double() @ head.inner.weight.double().T + head.inner.bias.double()
+    gelu = 0.5 * inner * (1 + torch.erf(inner / math.sqrt(2)))  # exact GELU
+    expected = gelu @ head.outer.weight.double().T[:, 0] + head.outer.bias.double()
+    assert torch.allclose(head(features).double(), expected, atol=1e-5)
+    log_z = ScalarLogZ(-2.0)
+    values = log_z(features)
+    assert values.shape == (3, 5) and torch.equal(values, torch.full((3, 5), -2.0))
+    (values * torch.arange(15.0).view(3, 5)).sum().backward()
+    assert log_z.value.grad.item() == sum(range(15))  # one parameter shared by every row
+    assert set(balance_heads("tb", "scalar", 16)) == {"log_z"}
+    assert isinstance(balance_heads("tb", "prompt", 16)["log_z"], MLPHead)
+    assert set(balance_heads("subtb", "scalar", 16)) == set(balance_heads("db", "prompt", 16)) == {"flow"}
+    assert not list(balance_heads("modified_subtb", "scalar", 16).parameters())
+
+
+def test_group_variances_is_the_mean_within_group_sample_variance():
+    groups = [4, 4, 9, 4, 9, 7]
+    values = [1.0, 2.0, -1.0, 6.0, 3.0, 5.0]
+    # group 4: {1, 2, 6} (variance 7); group 9: {−1, 3} (variance 8); group 7 alone: left out
+    assert group_variances(groups, values) == pytest.approx((7.0 + 8.0) / 2, rel=1e-6)
+    assert group_variances([1, 2], [0.5, 0.7]) is None
+    assert group_variances([], []) is None

@@ -6,15 +6,13 @@ import pytest
 import torch
 from toy import SEQUENCES, random_logits, token_logprobs
 
-from reasoning.data.templates import ChatTemplate, PlainTemplate, encode
+from reasoning.data.templates import ChatTemplate, PlainTemplate, answer_layout, cut_trace, encode
 from reasoning.models.tiny import build_char_tokenizer
 from reasoning.rewards.likelihood import (
     RLPRStdFilter,
-    answer_layout,
     answer_logprob,
     apply_missing_answer,
     apply_truncation,
-    cut_trace,
     group_reward_std,
     jensen_bound,
     latro_reward,
@@ -328,23 +326,23 @@ def test_truncation_overrides_the_missing_answer_rule():
 def test_cut_trace():
     eos, marker = 9, [7, 8]
     # the first marker ends the trace (a stopping time); the policy term covers the trace and the marker
-    cut = cut_trace([3, 7, 8, 4, 7, 8, 5, eos], marker, {eos}, truncated=False)
+    cut = cut_trace([3, 7, 8, 4, 7, 8, 5, eos], marker, {eos}, truncated=False, at="first")
     assert (cut.trace, cut.policy_length, cut.marker_found, cut.marker_count) == ([3], 3, True, 2)
-    cut = cut_trace([3, 4, eos], marker, {eos}, truncated=False)
+    cut = cut_trace([3, 4, eos], marker, {eos}, truncated=False, at="first")
     # no marker: the whole completion (stop token dropped) is the trace; the policy term covers everything
     assert (cut.trace, cut.policy_length, cut.missing, cut.marker_count) == ([3, 4], 3, True, 0)
-    cut = cut_trace([3, 4, eos], marker, {eos}, truncated=True)  # truncated: nothing dropped
+    cut = cut_trace([3, 4, eos], marker, {eos}, truncated=True, at="first")  # truncated: nothing dropped
     assert (cut.trace, cut.policy_length, cut.truncated) == ([3, 4, eos], 3, True)
-    cut = cut_trace([3, 7, 8, 6], marker, {eos}, truncated=True)
+    cut = cut_trace([3, 7, 8, 6], marker, {eos}, truncated=True, at="first")
     assert (cut.trace, cut.policy_length, cut.missing, cut.truncated) == ([3], 3, False, True)
-    assert cut_trace([3, 7, 8], [], {eos}, truncated=False).missing
+    assert cut_trace([3, 7, 8], [], {eos}, truncated=False, at="first").missing
 
 
 @pytest.mark.parametrize("template", [PlainTemplate(), ChatTemplate()])
 def test_answer_layout_does_not_score_eos(template):
     tokenizer = build_char_tokenizer()
     prompt, trace = encode(tokenizer, "Q:12+30\nT:"), encode(tokenizer, "2+0=2,1+3=4")
-    laid = answer_layout(template, tokenizer, prompt, trace, "42")
+    laid = answer_layout(template, tokenizer, prompt, trace, "42", score_eos=False)
     marker = encode(tokenizer, template.answer_prefix)
     assert laid.ids[: laid.answer_start] == prompt + trace + marker
     # the span is y* and the template's end-of-answer suffix: no EOS (VeriFree, GML, RLPR, NOVER)
@@ -352,4 +350,4 @@ def test_answer_layout_does_not_score_eos(template):
     with_eos = answer_layout(template, tokenizer, prompt, trace, "42", score_eos=True)
     assert with_eos.ids == laid.ids + [tokenizer.eos_token_id]
     with pytest.raises(ValueError, match="no token to score"):
-        answer_layout(PlainTemplate(), tokenizer, prompt, trace, "")
+        answer_layout(PlainTemplate(), tokenizer, prompt, trace, "", score_eos=False)

@@ -11,16 +11,15 @@ import math
 import pytest
 import torch
 
-from reasoning.models.latent_thought import build_latent_thought_model
-from reasoning.objectives.latent import gaussian_kl_standard_normal, perplexity_sequence_mean
-from reasoning.trainers.latent_thought import (
+from reasoning.models.latent_inference import (
     cosine_step_size,
     elbo_perplexity,
     fit_posterior,
-    reparameterize,
     scored_token_mask,
     sequence_logprobs,
 )
+from reasoning.models.latent_thought import build_latent_thought_model
+from reasoning.objectives.latent import gaussian_kl_standard_normal, perplexity_sequence_mean, reparameterize
 
 
 def reference_fast_lr(step, num_steps, lr):

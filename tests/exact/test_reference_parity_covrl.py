@@ -8,18 +8,16 @@ defaults follow the paper's formula (the methods notes) and are checked in test_
 """
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from reasoning.data.templates import PlainTemplate, encode
+from reasoning.data.templates import PlainTemplate, answer_layout, cut_trace, encode
 from reasoning.models.tiny import build_char_tokenizer
-from reasoning.objectives.policy import aggregate_loss, clipped_surrogate
+from reasoning.objectives.covrl import decoder_weights
+from reasoning.objectives.policy import aggregate_loss, clipped_surrogate, group_baseline_advantages
 from reasoning.rewards.likelihood import (
     RLPRStdFilter,
-    answer_layout,
-    cut_trace,
     group_reward_std,
     latro_reward,
     nover_log_perplexity,
@@ -33,8 +31,6 @@ from reasoning.trainers.covrl import (
     AGGREGATION,
     RLPR_STD_EPS,
     CoVRLConfig,
-    CoVRLTrainer,
-    group_baseline_advantages,
 )
 
 G, GROUPS = 4, 3
@@ -83,7 +79,7 @@ def test_verifree_rewards_advantages_and_loss_match_the_released_trainer():
     generator = torch.Generator().manual_seed(1)
     width = max(len(c) for c in completions)
     # our cut and the reference's agree on the policy span and on which samples have an answer
-    cuts = [cut_trace(c, MARKER, {EOS}, bool(t)) for c, t in zip(completions, truncated)]
+    cuts = [cut_trace(c, MARKER, {EOS}, bool(t), at="first") for c, t in zip(completions, truncated)]
     reference_cut = [verifree_cut(c, t) for c, t in zip(completions, truncated)]
     assert [c.policy_length for c in cuts] == [n for n, _ in reference_cut]
     assert [not c.missing for c in cuts] == [found for _, found in reference_cut]
@@ -122,9 +118,7 @@ def test_verifree_rewards_advantages_and_loss_match_the_released_trainer():
     advantage = group_baseline_advantages(reward, G, baseline=config.baseline, scale=config.scale_advantages)
     per_token, _ = clipped_surrogate(new_think, think_logp, advantage, config.epsilon, mask=think_mask)
     policy = aggregate_loss(per_token, think_mask, AGGREGATION[config.loss_type])
-    weights = CoVRLTrainer._answer_weights(
-        SimpleNamespace(config=config), reward, old_answer, answer_mask, truncated
-    )
+    weights = decoder_weights(config.reward, reward, old_answer, answer_mask, truncated, G)
     decoder = config.answer_nll_coef * verifree_answer_nll(new_answer, answer_mask, weights)
 
     assert config.nll_coef == 0  # CoVRL's selective NLL is not part of VeriFree's loss
@@ -347,8 +341,8 @@ def test_answer_span_matches_verifree_and_gml_no_eos(answer):
     # ours: the trainer's cutter and layout on the generated token ids
     completion = encode(tokenizer, response) + [tokenizer.eos_token_id]
     marker = encode(tokenizer, template.answer_prefix)
-    cut = cut_trace(completion, marker, {tokenizer.eos_token_id}, truncated=False)
-    laid = answer_layout(template, tokenizer, prompt, cut.trace, answer, CoVRLConfig().score_eos)
+    cut = cut_trace(completion, marker, {tokenizer.eos_token_id}, truncated=False, at="first")
+    laid = answer_layout(template, tokenizer, prompt, cut.trace, answer, score_eos=CoVRLConfig().score_eos)
     assert laid.ids == reference_ids
     assert laid.ids[laid.answer_start :] == answer_ids
     assert cut.policy_length == len(think_ids)  # the policy term covers VeriFree's think span

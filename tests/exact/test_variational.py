@@ -16,15 +16,18 @@ import torch
 from toy import SEQUENCES, random_logits, token_logprobs
 
 from reasoning.objectives.variational import (
+    effective_sample_size,
     elbo,
     forward_kl_posterior_weights,
     iwae_bound,
+    iwae_curve,
     iwae_surrogate,
     log_acc_estimator,
     log_gml_estimator,
     log_likelihood_estimator,
     normalized_weights,
     practical_log_weights,
+    practical_weights,
     weighted_posterior_nll,
 )
 
@@ -306,3 +309,58 @@ def test_practical_weight_is_finite_for_long_traces():
     weights = normalized_weights(log_w)
     assert torch.isfinite(weights).all() and weights.sum().item() == pytest.approx(1.0, abs=1e-6)
     assert weights.min() > 0.01  # per-token ratios keep weights comparable across traces
+
+
+def test_practical_weights_drop_filtered_traces_and_normalise_the_rest():
+    generator = torch.Generator().manual_seed(8)
+    lengths = torch.randint(3, 12, (3, 5), generator=generator)
+    prior = -lengths * (0.5 + torch.rand(3, 5, generator=generator, dtype=torch.float64))
+    post = -lengths * (0.3 + torch.rand(3, 5, generator=generator, dtype=torch.float64))
+    log_est = -torch.rand(3, 5, generator=generator, dtype=torch.float64)
+    valid = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    direct = (prior.exp() / post.exp()) ** (1 / lengths.double()) * log_est.exp() * valid
+    totals = direct.sum(-1, keepdim=True)
+    expected = torch.where(totals > 0, direct / totals.clamp(min=1e-300), torch.zeros_like(direct))
+    weights = practical_weights(prior, post, lengths, log_est, valid)
+    assert torch.allclose(weights, expected, rtol=1e-10, atol=0)
+    assert (weights[~valid] == 0).all() and (weights[1] == 0).all()  # no valid trace: all zeros, no NaN
+
+
+# (6) statistics of the weights stage ------------------------------------------------------------
+
+
+def test_iwae_curve_is_an_unbiased_estimate_of_the_expected_bound_for_each_k_prime():
+    """E over K = 4 i.i.d. traces z ~ q of the curve's value at K' equals E[L^{K'}] exactly: every
+    ordered 4-tuple is enumerated with its probability under q^{⊗4} (9^4 tuples)."""
+    _, _, log_joint, log_q, _, _ = toy(seed=3)
+    tuples = torch.tensor(list(itertools.product(range(NUM_TRACES), repeat=4)))
+    prob = (log_q[tuples].sum(-1)).exp()
+    assert prob.sum().item() == pytest.approx(1.0, abs=1e-12)
+    log_w = log_joint[tuples] - log_q[tuples]
+    expected = {"1": 0.0, "2": 0.0, "4": 0.0}
+    for p, row in zip(prob.tolist(), log_w):
+        for size, value in iwae_curve([row], 4).items():
+            expected[size] += p * value
+    for size in (1, 2, 4):
+        exact = exact_expected_bound(size, log_joint, log_q).item()
+        assert expected[str(size)] == pytest.approx(exact, abs=1e-10)
+    # several questions: the mean of their curves
+    rows = [log_w[0], log_w[100], log_w[2000]]
+    curve = iwae_curve(rows, 4)
+    assert set(curve) == {"1", "2", "4"}
+    for size in ("1", "2", "4"):
+        assert curve[size] == pytest.approx(sum(iwae_curve([r], 4)[size] for r in rows) / 3, abs=1e-12)
+    # by hand, K' = 2 on one row: blocks (w1, w2) and (w3, w4), each log((e^a + e^b)/2)
+    row = torch.tensor([-1.0, -3.0, -2.0, -2.0], dtype=torch.float64)
+    by_hand = (math.log((math.exp(-1) + math.exp(-3)) / 2) + math.log(math.exp(-2))) / 2
+    assert iwae_curve([row], 2) == pytest.approx({"1": -2.0, "2": by_hand}, abs=1e-12)
+
+
+def test_effective_sample_size_by_hand_and_at_its_bounds():
+    weights = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.3, 0.2, 0.0]])
+    ess = effective_sample_size(weights)
+    assert ess.tolist() == pytest.approx([4.0, 1.0, 1 / (0.25 + 0.09 + 0.04)])
+    generator = torch.Generator().manual_seed(9)
+    random = normalized_weights(torch.randn(50, 8, generator=generator, dtype=torch.float64))
+    ess = effective_sample_size(random)
+    assert ((ess >= 1 - 1e-12) & (ess <= 8 + 1e-12)).all()

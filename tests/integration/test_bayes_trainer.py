@@ -5,11 +5,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from reasoning.data.datasets import load_records
-from reasoning.objectives.bayes import estimate_log_z, f_pseudo_reward
+from reasoning.objectives.bayes import estimate_log_z, f_pseudo_reward, fit_conditional_moment_lambdas
 from reasoning.rewards.verifier import correctness
 from reasoning.rollout import Sampling
 from reasoning.rollout.hf import HFEngine
-from reasoning.trainers.bayes import BayesConfig, BayesTrainer, fit_conditional_moment_lambdas
+from reasoning.trainers.bayes import BayesConfig, BayesTrainer
 
 DATA = "synthetic:addition?digits=3&n=64&seed=3&split=train"
 
@@ -258,7 +258,7 @@ def test_offline_moving_average_baseline_matches_disco(trained_tiny_dir, tmp_pat
     assert second["baseline_value"].double().tolist() == pytest.approx([b] * 8, rel=1e-5)
 
     model.zero_grad()
-    loss = trainer.loss(model, second)
+    loss = trainer.loss(model, second).value
     loss.backward()
     ours = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad()

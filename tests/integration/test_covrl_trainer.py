@@ -9,12 +9,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from reasoning.data.datasets import load_records
 from reasoning.data.templates import encode
+from reasoning.objectives.policy import group_baseline_advantages
 from reasoning.recipes import load_recipe
 from reasoning.rewards.likelihood import group_reward_std
 from reasoning.rewards.verifier import correctness
 from reasoning.rollout import Sampling
 from reasoning.rollout.hf import HFEngine
-from reasoning.trainers.covrl import CoVRLConfig, CoVRLTrainer, group_baseline_advantages
+from reasoning.trainers.covrl import CoVRLConfig, CoVRLTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = "synthetic:addition?digits=3&n=64&seed=3&split=train"
@@ -280,7 +281,7 @@ def test_verifree_defaults_give_the_released_trainers_loss_on_the_real_model(tra
 
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
-    got = torch.autograd.grad(trainer.loss(model, batch), params, allow_unused=True)
+    got = torch.autograd.grad(trainer.loss(model, batch).value, params, allow_unused=True)
     # re-expresses verifree.py (learning_step): pg = −A Σ_t logπ·think_mask, sft = −Σ_t logπ·answer_mask·R
     passes = trainer.template_passes(model, batch, posterior=False, answer=True)
     think = batch["trace_mask"].float()

@@ -10,19 +10,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from reasoning.data.datasets import load_records
 from reasoning.data.templates import encode
-from reasoning.objectives.gflownet import set_terminal_log_flow, subtb_log_normalizer
+from reasoning.eval.metrics import distinct_correct, pairwise_diversity
+from reasoning.objectives.gflownet import reward_temperature_at, set_terminal_log_flow, subtb_log_normalizer
 from reasoning.rewards.verifier import correctness, is_correct
 from reasoning.rollout import Sampling
 from reasoning.rollout.hf import HFEngine
 from reasoning.trainers.checkpoint import EXTRA_STATE, load_state_file
-from reasoning.trainers.gflownet import (
-    GFlowNetConfig,
-    GFlowNetTrainer,
-    ReplayBuffer,
-    ReplayEntry,
-    edit_distances,
-    reward_temperature_at,
-)
+from reasoning.trainers.gflownet import GFlowNetConfig, GFlowNetTrainer
+from reasoning.trainers.gflownet_replay import ReplayBuffer, ReplayEntry, edit_distances
 
 DATA = "synthetic:addition?digits=3&n=64&seed=3&split=train"
 
@@ -89,7 +84,7 @@ def test_tb_loss_equals_independent_recomputation(trained_tiny_dir, tmp_path, lo
     if log_z == "prompt":  # a non-trivial head, so the prompt's hidden state matters
         torch.nn.init.normal_(trainer.heads["log_z"].outer.weight, std=0.5)
     rows, groups, batch = one_batch(trainer)
-    loss = trainer.loss(model, batch)
+    loss = trainer.loss(model, batch).value
     eos, floor = trainer.processing_class.eos_token_id, trainer.config.reward_floor
     expected = []
     for row, group in zip(rows, groups):
@@ -122,7 +117,7 @@ def test_likelihood_rewards_and_modified_subtb_equal_recomputation(trained_tiny_
     model = trainer.model.eval()
     assert trainer.config.resolved_subtb_normalization() == "gfn-lm-tuning"  # modified SubTB's default
     rows, groups, batch = one_batch(trainer, prompts=1)
-    loss = trainer.loss(model, batch)
+    loss = trainer.loss(model, batch).value
     tokenizer, template = trainer.processing_class, trainer.template
     marker = encode(tokenizer, template.answer_prefix)
     answer_ids = encode(tokenizer, rows[0]["answer"]) + [tokenizer.eos_token_id]
@@ -161,12 +156,14 @@ def test_likelihood_rewards_and_modified_subtb_equal_recomputation(trained_tiny_
         {k: v[part] if torch.is_tensor(v) and v.dim() else v for k, v in batch.items()}
         for part in (slice(0, 2), slice(2, 4))
     ]
-    split = sum(trainer.loss(model, half).item() for half in halves) / 2
+    split = sum(trainer.loss(model, half).value.item() for half in halves) / 2
     assert split == pytest.approx(loss.item(), rel=1e-5)
     # sequence: each row over its own number of pairs, then the mean
     batch["subtb_log_norm"] = subtb_log_normalizer(batch["trace_mask"], 1.0, "sequence", batch["group"])
     per_sequence = [total / max(count, 1) for total, count in zip(sums, counts)]
-    assert trainer.loss(model, batch).item() == pytest.approx(sum(per_sequence) / len(per_sequence), rel=1e-4)
+    assert trainer.loss(model, batch).value.item() == pytest.approx(
+        sum(per_sequence) / len(per_sequence), rel=1e-4
+    )
 
 
 @pytest.mark.parametrize("normalization", [None, "gfn-lm-tuning"])
@@ -179,7 +176,7 @@ def test_subtb_loss_uses_the_configured_pair_normalization(trained_tiny_dir, tmp
     model = trainer.model.eval()
     torch.nn.init.normal_(trainer.heads["flow"].outer.weight, std=0.5)  # flows that differ by state
     _, _, batch = one_batch(trainer, prompts=1)
-    loss = trainer.loss(model, batch).item()
+    loss = trainer.loss(model, batch).value.item()
     with torch.no_grad():
         log_pf, _, hidden = trainer.forward_terms(model, batch)
         flow = set_terminal_log_flow(trainer.heads["flow"](hidden), batch["tb_mask"], batch["log_reward"])
@@ -207,7 +204,7 @@ def test_log_z_group_replay_checkpoint_and_resume(trained_tiny_dir, tmp_path):
     trainer = make_trainer(trained_tiny_dir, tmp_path / "run", max_steps=4, **config)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
-    group = trainer.head_param_group()
+    group = trainer.side_parameters["heads"].param_group()
     log_z = trainer.heads["log_z"].value
     assert group["lr"] == 0.2 and group["params"] == [log_z] and group["weight_decay"] == 0.0
     assert all(log_z is not p for g in trainer.optimizer.param_groups if g is not group for p in g["params"])
@@ -220,7 +217,7 @@ def test_log_z_group_replay_checkpoint_and_resume(trained_tiny_dir, tmp_path):
     assert any("diversity/distinct_correct" in e and "diversity/pairwise" in e for e in logs)
     assert len(trainer.replay) > 0
     state = load_state_file(tmp_path / "run" / "checkpoint-4" / EXTRA_STATE.format(rank=0))
-    assert state["extra"]["heads"]["log_z.value"].item() == pytest.approx(log_z.item())
+    assert state["side"]["heads"]["module"]["log_z.value"].item() == pytest.approx(log_z.item())
     assert state["extra"]["replay"] == trainer.replay.state_dict()
     # the base class's resume path restores heads and buffer (train(resume_from_checkpoint=...) calls it)
     resumed = make_trainer(trained_tiny_dir, tmp_path / "run", max_steps=4, **config)
@@ -314,3 +311,14 @@ def test_edit_distances_match_a_naive_dynamic_program():
         query = [rng.randrange(4) for _ in range(rng.randrange(0, 12))]
         others = [[rng.randrange(4) for _ in range(rng.randrange(0, 12))] for _ in range(5)]
         assert edit_distances(query, others).tolist() == [naive(query, o) for o in others]
+
+
+def test_diversity_metrics_of_a_group():
+    """`eval.metrics` (the trainer's diversity/* metrics): distinct correct answers up to whitespace, and
+    1 − the mean difflib ratio 2M/(|a| + |b|) over pairs."""
+    assert distinct_correct(["1+2", " 1 + 2", "2+1", None], [True, True, True, False]) == 2
+    assert distinct_correct(["3", "4"], [False, False]) == 0
+    assert pairwise_diversity(["abc", "abc"]) == 0.0 and pairwise_diversity(["abc"]) == 0.0
+    assert pairwise_diversity(["ab", "cd"]) == 1.0
+    # pairs: abcd/abxy share "ab" (ratio 0.5), abcd/abcd 1, abxy/abcd 0.5
+    assert pairwise_diversity(["abcd", "abxy", "abcd"]) == pytest.approx(1 - (0.5 + 1.0 + 0.5) / 3)

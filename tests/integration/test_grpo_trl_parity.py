@@ -106,7 +106,7 @@ def test_loss_and_gradients_match_trl(tmp_path, loss_type):
         "generation_tokens": completion_mask.sum(),
     }
     model.zero_grad()
-    our_loss = ours.loss(model, batch)
+    our_loss = ours.compute_loss(model, batch)  # `loss`, scaled for accumulation, metrics recorded
     our_loss.backward()
     our_grads = grads(model)
 

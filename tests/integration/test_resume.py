@@ -56,10 +56,9 @@ import transformers
 import transformers.trainer_callback
 
 import reasoning.cli
-import reasoning.recipes
+import reasoning.recipes  # imports every trainer module (reasoning.recipes.table)
 import reasoning.trainers.variational
 
-reasoning.recipes.trainer_configs()  # imports every trainer module
 # what a run imports lazily (a forked child would import it again every time)
 for name in [
     "deepspeed", "matplotlib.pyplot", "pydantic", "einops", "rich.progress", "torch.profiler",
@@ -269,6 +268,30 @@ FAMILIES = {
          "--grpo.num_generations", "4", "--grpo.steps_per_generation", "2", "--grpo.num_iterations", "2",
          "--grpo.loss_type", "rft", "--grpo.rft_threshold", "0.0"],
         kills=5,
+    ),
+    # one-step-off rollouts (max_staleness 1): a generation serves 2 passes (2 optimizer steps) and the next
+    # one is sampled at the start of the second, so the even checkpoints hold a generation ahead (saved with
+    # it) and the odd ones the buffer; 2 prompts make 2 generations an epoch, so the third is read ahead
+    # across the epoch boundary. The hf engine samples in the trainer's thread (reasoning/trainers/async_rollouts.py).
+    # The default draw resumes from checkpoints 0, 2 (a generation ahead) and 3 (a buffer).
+    "grpo_stale": Family(
+        "recipes/demo/grpo.yaml",
+        [*ROLLOUT, "--model.tiny", "null", "--model.path", "{warm}",
+         "--data.train", "synthetic:addition?digits=1&n=2&seed=1&split=train",
+         "--grpo.num_generations", "4", "--grpo.num_iterations", "2",
+         "--grpo.loss_type", "rft", "--grpo.rft_threshold", "0.0", "--grpo.max_staleness", "1"],
+        kills=3,
+    ),
+    # the same with token-budget chunks packed into rows (the buffer holds several chunks per micro-step,
+    # each with its packed layout) and 2 micro-steps per optimizer step
+    "grpo_budget": Family(
+        "recipes/demo/grpo.yaml",
+        [*ROLLOUT, "--model.tiny", "null", "--model.path", "{warm}",
+         "--data.train", "synthetic:addition?digits=1&n=4&seed=1&split=train",
+         "--grpo.num_generations", "4", "--grpo.steps_per_generation", "2", "--grpo.num_iterations", "2",
+         "--grpo.loss_type", "rft", "--grpo.rft_threshold", "0.0", "--training.gradient_accumulation_steps", "2",
+         "--grpo.max_tokens_per_microbatch", "40", "--grpo.padding_free", "true"],
+        kills=2,
     ),
     # trajectory balance with a learned scalar log Z, replay and tempered exploration; rewards vary
     # through the illegal-character penalty

@@ -84,7 +84,8 @@ def test_two_steps_change_both_models_log_metrics_and_resume_phi(tmp_path, train
     assert resumed.phi_updates == 2
     for a, b in zip(resumed.phi.parameters(), trainer.phi.parameters()):
         assert torch.equal(a, b)
-    state, saved = resumed.phi_optimizer.state_dict()["state"], trainer.phi_optimizer.state_dict()["state"]
+    state = resumed.side_parameters["phi"].optimizer.state_dict()["state"]
+    saved = trainer.side_parameters["phi"].optimizer.state_dict()["state"]
     assert saved and all(torch.equal(state[k]["exp_avg"], saved[k]["exp_avg"]) for k in saved)
 
 

@@ -24,8 +24,9 @@ from transformers import TrainingArguments
 from typer.testing import CliRunner
 
 import reasoning.recipes as recipes
+import reasoning.recipes.build as recipe_build
 from reasoning.cli import app
-from reasoning.recipes import SECTIONS, check_recipe, load_recipe, load_training_records, trainer_configs
+from reasoning.recipes import SECTIONS, TRAINERS, check_recipe, load_recipe, load_training_records
 from reasoning.trainers.base import RolloutTrainerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,7 +104,7 @@ class Case(typing.NamedTuple):
 
 def mutations(bases: dict[str, dict], data_dir: Path, count: int, seed: int = 0) -> list[Case]:
     rng = random.Random(seed)
-    configs = trainer_configs()
+    configs = {name: entry.config for name, entry in TRAINERS.items()}
     empty = data_dir / "empty.jsonl"
     empty.write_text("")
     none_answer = data_dir / "none_answer.jsonl"
@@ -318,7 +319,7 @@ def test_mutated_recipes_fail_fast_with_one_paragraph(bases, tmp_path, monkeypat
     def no_model(*args, **kwargs):
         raise AssertionError("a bad recipe passed validation: a model would be built")
 
-    monkeypatch.setattr(recipes, "load_model_and_tokenizer", no_model)
+    monkeypatch.setattr(recipe_build, "load_model_and_tokenizer", no_model)  # what `run` calls
     runner = CliRunner()
     cases = mutations(bases, tmp_path, count=240)
     kinds = {case.kind.split(": ")[1] for case in cases}

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from reasoning.data.answers import find_answer, prepare_response
 from reasoning.eval.benchmarks import BENCHMARKS
 from reasoning.rewards.math import (
     _cheap_verdict,
-    _find_answer,
     _gold_text,
     _grade,
-    _prepare,
     answer_letter,
     extract_answer,
     grade,
@@ -109,7 +108,7 @@ NUMBER_PAIRS = [
 
 def _cheap(response: str, gold: str) -> bool | None:
     """The cheap rules' verdict on a response, None where they leave it to math-verify."""
-    found = _find_answer(_prepare(response))
+    found = find_answer(prepare_response(response))
     return _cheap_verdict(found[0], _gold_text(gold)) if found and found[2] else None
 
 

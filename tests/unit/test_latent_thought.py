@@ -17,6 +17,16 @@ from reasoning.eval.latent_thought import (
     first_example,
     token_perplexity,
 )
+from reasoning.models.latent_inference import (
+    cosine_step_size,
+    document_texts,
+    elbo_perplexity,
+    fit_posterior,
+    generate_with_inference,
+    record_text,
+    scored_token_mask,
+    tokenize_texts,
+)
 from reasoning.models.latent_thought import (
     LatentThoughtConfig,
     LatentThoughtForCausalLM,
@@ -27,19 +37,7 @@ from reasoning.models.latent_thought import (
 from reasoning.models.tiny import build_char_tokenizer
 from reasoning.objectives.latent import gaussian_kl_standard_normal
 from reasoning.recipes import RecipeError, build_trainer, load_model_and_tokenizer, parse_recipe
-from reasoning.trainers.latent_thought import (
-    DualRateConfig,
-    LatentThoughtCollator,
-    LatentThoughtTrainer,
-    cosine_step_size,
-    document_texts,
-    elbo_perplexity,
-    fit_posterior,
-    generate_with_inference,
-    record_text,
-    scored_token_mask,
-    tokenize_texts,
-)
+from reasoning.trainers.latent_thought import DualRateConfig, LatentThoughtCollator, LatentThoughtTrainer
 
 SMALL = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "latents_per_layer": 4}
 

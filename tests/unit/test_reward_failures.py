@@ -8,6 +8,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from reasoning.data.datasets import load_records
+from reasoning.models.latent_inference import tokenize_texts
 from reasoning.models.latent_thought import build_latent_thought_model
 from reasoning.models.tiny import build_char_tokenizer, build_tiny_model
 from reasoning.rollout import Sampling
@@ -21,12 +22,7 @@ from reasoning.trainers.base import (
 from reasoning.trainers.bayes import BayesConfig, BayesTrainer
 from reasoning.trainers.gflownet import GFlowNetConfig, GFlowNetTrainer
 from reasoning.trainers.grpo import GRPOConfig, GRPOTrainer
-from reasoning.trainers.latent_thought import (
-    DualRateConfig,
-    LatentThoughtCollator,
-    LatentThoughtTrainer,
-    tokenize_texts,
-)
+from reasoning.trainers.latent_thought import DualRateConfig, LatentThoughtCollator, LatentThoughtTrainer
 from reasoning.trainers.sft import SFTConfig, make_sft_trainer
 
 PROMPTS = ["1+1", "2+2", "3+3", "4+4"]

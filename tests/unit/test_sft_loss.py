@@ -126,3 +126,18 @@ def test_posterior_fraction_mixes_prior_and_hinted_prompts():
     assert again["input_ids"] == tokenized["input_ids"]
     with pytest.raises(ValueError, match="posterior_fraction"):
         SFTConfig(posterior_fraction=1.5)
+
+
+def test_both_templates_gives_each_record_a_prior_and_a_hinted_sample():
+    _, tokenizer = build_tiny_model("1m", seed=0)
+    data = records(6).add_column("weight", [0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
+    plain = tokenize_sft(data, tokenizer, SFTConfig(max_length=128))
+    both = tokenize_sft(data, tokenizer, SFTConfig(max_length=128, both_templates=True))
+    assert len(both) == 2 * len(plain) == 12
+    texts = [tokenizer.decode(ids) for ids in both["input_ids"]]
+    for i, row in enumerate(data):
+        prior, hinted = texts[2 * i], texts[2 * i + 1]
+        assert prior == tokenizer.decode(plain[i]["input_ids"])  # the plain sample, unchanged
+        assert f"H:{row['answer']}" in hinted and "H:" not in prior
+        assert hinted.endswith(prior.split("\nT:", 1)[1])  # the same trace and answer after either prompt
+        assert both[2 * i]["weight"] == both[2 * i + 1]["weight"] == row["weight"]

@@ -8,6 +8,7 @@ from reasoning.data.synthetic import (
     AdditionTask,
     CountdownTask,
     in_test_split,
+    is_traced,
     make_task,
     records_from_spec,
     task_from_spec,
@@ -152,3 +153,27 @@ def test_specs_and_records():
         make_task("sudoku")
     with pytest.raises(ValueError, match="bad settings"):
         make_task("addition", digts=3)
+
+
+def test_traced_share_makes_answers_only_records():
+    """`traced=p`: a stable, hash-chosen share of questions keeps its trace; the rest carry the correct
+    answer only (the true sum, not a flawed teacher's)."""
+    spec = "addition?digits=3&forget_carry=0.6&n=4000&seed=0&split=train"
+    full = records_from_spec(spec)
+    some = records_from_spec(spec + "&traced=0.05")
+    assert [r["question"] for r in some] == [r["question"] for r in full]
+    traced = [r for r in some if r["traced"]]
+    assert 0.03 < len(traced) / len(some) < 0.07
+    for before, after in zip(full, some):
+        if after["traced"]:  # untouched, flaws included
+            assert (after["solution"], after["answer"]) == (before["solution"], before["answer"])
+        else:
+            assert after["solution"] == "" and after["answer"] == str(after["a"] + after["b"])
+    flawed = [b for b, a in zip(full, some) if not a["traced"] and b["answer"] != str(b["a"] + b["b"])]
+    assert flawed  # the flawed teacher's answers were replaced
+    again = records_from_spec(spec.replace("seed=0", "seed=1") + "&traced=0.05")
+    for r in again:  # the choice is a function of the question alone
+        assert r["traced"] == is_traced(r["question"], 0.05)
+    assert all(r["traced"] for r in records_from_spec(spec + "&traced=1"))
+    with pytest.raises(ValueError, match="share of questions with a reference trace"):
+        records_from_spec(spec + "&traced=1.5")

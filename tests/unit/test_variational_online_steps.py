@@ -14,7 +14,7 @@ import torch
 from transformers import TrainingArguments
 
 from reasoning.data.datasets import load_records
-from reasoning.data.templates import PlainTemplate, encode, split_trace
+from reasoning.data.templates import PlainTemplate, cut_trace, encode
 from reasoning.models.tiny import build_tiny_model
 from reasoning.rewards.verifier import correctness
 from reasoning.rollout import Sampling
@@ -108,7 +108,7 @@ def test_theta_step_gradient_is_the_weighted_nll_of_eq8(tmp_path):
     model.zero_grad()
     total = 0.0
     for batch in micro:
-        loss = trainer.loss(model, batch)
+        loss = trainer.loss(model, batch).value
         loss.backward()
         total += loss.item()
     trainer_grads = grads(model)
@@ -151,7 +151,7 @@ def test_phi_step_gradient(tmp_path, objective):
     phi = trainer.phi
     before = copy.deepcopy(phi)
     # plain SGD with learning rate 1: the parameter change is exactly minus the gradient
-    trainer.phi_optimizer = torch.optim.SGD(phi.parameters(), lr=1.0)
+    trainer.side_parameters["phi"].optimizer = torch.optim.SGD(phi.parameters(), lr=1.0)
     trainer.phi_update(rows, traces)
     assert trainer.phi_updates == 1
     change = [b.detach() - a.detach() for b, a in zip(before.parameters(), phi.parameters())]
@@ -248,14 +248,30 @@ def test_one_engine_is_resynced_between_the_models(tmp_path):
     assert holds(model) and not holds(trainer.phi) and trainer.sync_count == count + 1
     with torch.no_grad():
         next(trainer.phi.parameters()).add_(1.0)
-    trainer.phi_updates += 1
+    trainer.side_parameters["phi"].steps += 1
     trainer.engine_for("phi")
     assert holds(trainer.phi) and trainer.sync_count == count + 2
 
 
 def test_split_trace_cuts_at_the_last_marker_and_drops_the_stop_token():
     marker, eos = [7, 8], 1
+
+    def split_trace(ids, marker, stop_ids, stopped):  # the trainer's cut: the last marker
+        cut = cut_trace(ids, marker, stop_ids, truncated=not stopped, at="last")
+        return cut.trace, cut.marker_found
+
     assert split_trace([3, 7, 8, 4, 7, 8, 5, eos], marker, {eos}, stopped=True) == ([3, 7, 8, 4], True)
     assert split_trace([3, 4, eos], marker, {eos}, stopped=True) == ([3, 4], False)
     assert split_trace([3, 4, eos], marker, {eos}, stopped=False) == ([3, 4, eos], False)  # truncated: kept
     assert split_trace([3, 7, 8], [], {eos}, stopped=False) == ([3, 7, 8], False)
+
+
+def test_the_trainer_cuts_its_traces_before_the_last_marker_text(tmp_path):
+    """`TraceCutter(at="last")` on the tiny tokenizer: the trace ends before the last `\\nA:`, whose own text
+    is kept for the answer layout; no marker: the whole completion (stop token dropped) and not valid."""
+    trainer, _, tokenizer = make_trainer(tmp_path)
+    eos = tokenizer.eos_token_id
+    cut = trainer.cutter(encode(tokenizer, "1+2=3\nA:3\nA:4") + [eos], truncated=False)
+    assert cut.trace == encode(tokenizer, "1+2=3\nA:3") and cut.marker == "\nA:" and cut.marker_count == 2
+    none = trainer.cutter(encode(tokenizer, "1+2=3") + [eos], truncated=False)
+    assert none.trace == encode(tokenizer, "1+2=3") and none.missing and none.marker is None
