@@ -172,7 +172,9 @@ def generation_table(report: Report, floor: list[dict]) -> dict[str, tuple[float
     return medians
 
 
-def run_w1(args, report: Report, prefix: str, work: dict, variants: list[str], rounds: int) -> dict:
+def run_w1(
+    args, report: Report, prefix: str, work: dict, variants: list[str], rounds: int, compile_ours: bool | None = None
+) -> dict:
     results: dict[str, list[dict]] = {v: [] for v in variants}
     for round_index in range(rounds):
         # ABAB: ours and the peer swap places every round; the floor sits between rounds
@@ -182,7 +184,8 @@ def run_w1(args, report: Report, prefix: str, work: dict, variants: list[str], r
         order += [v for v in variants if v not in ("ours", "trl")]
         for variant in order:
             start = time.perf_counter()
-            compiled = args.compile_ours if variant == "ours" else args.compile_trl if variant == "trl" else False
+            ours = args.compile_ours if compile_ours is None else compile_ours
+            compiled = ours if variant == "ours" else args.compile_trl if variant == "trl" else False
             results[variant].append(child("grpo_step.py", [variant, *workload_args(**work, compile=compiled)]))
             print(f"  [{prefix} round {round_index + 1}/{rounds}] {variant}: "
                   f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
@@ -322,7 +325,7 @@ def section_w3(args, report: Report, data: dict) -> None:
 
 def section_w4(args, report: Report, data: dict) -> None:
     work = args.w4
-    results = run_w1(args, report, "w4", work, ["ours", "trl", "floor"], args.rounds_w4)
+    results = run_w1(args, report, "w4", work, ["ours", "trl", "floor"], args.rounds_w4, args.compile_ours_w4)
     data["w4"] = results
     title = (
         f"W4: {work['prompts']} prompts × {work['generations']} completions of prescribed lengths (log-normal, "
@@ -436,7 +439,7 @@ def configure(args: argparse.Namespace) -> None:
         args.logprobs = dict(vocab=4096, hidden=64, batch=2, length=64, repeats=1)
         args.w4 = dict(
             prompts=2, generations=4, tokens=32, lengths="lognormal", median_length=8, cap_share=0.1, micro_batch=8,
-            steps=1, warmup=1, max_tokens_per_microbatch=256, pack_tokens=128, ours_max_tokens_per_microbatch=256,
+            steps=1, warmup=1, max_tokens_per_microbatch=256, pack_tokens=128, ours_max_tokens_per_microbatch=128,
             **both,
         )  # fmt: skip
         args.rounds = args.rounds or 1
@@ -449,11 +452,12 @@ def configure(args: argparse.Namespace) -> None:
         args.logprobs = dict(vocab=151_936, hidden=256, batch=4, length=512, repeats=3)
         # micro-batch 32 (4 accumulation steps): the padded trainers' eager attention keeps rows × 4 × 525² floats
         # per layer; the floor buckets by ≤ 2048 padded tokens (12 % over the real ones) and packs rows of ≤ 1024;
-        # ours takes the same budget (GRPOConfig.max_tokens_per_microbatch; padding_free auto: bucketed on CPU)
+        # ours: GRPOConfig.max_tokens_per_microbatch 1024 (padding_free auto: bucketed on CPU); single runs, CPU s of
+        # forward+backward: budget 1024 13.2-13.6, 2048 13.8-14.1, 4096 15.8-16.9, packed rows of 1024 18.2-19.5
         args.w4 = dict(
             prompts=16, generations=8, tokens=512, lengths="lognormal", median_length=64, cap_share=0.1,
             micro_batch=32, steps=2, warmup=2, max_tokens_per_microbatch=2048, pack_tokens=1024,
-            ours_max_tokens_per_microbatch=2048, **both,
+            ours_max_tokens_per_microbatch=1024, **both,
         )  # fmt: skip
         args.rounds = args.rounds or 3
     args.rounds_w2 = args.rounds_w2 or 1
@@ -481,6 +485,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile-ours", action=argparse.BooleanOptionalAction, default=True,
                         help="torch.compile our training model (TrainingArguments.torch_compile; the floor stays a "
                         "plain eager step, as the issue defines it)")
+    parser.add_argument("--compile-ours-w4", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile our training model in W4 (token-budget chunks change shape every "
+                        "forward: no gain measured, forward+backward 14.1-14.5 CPU s compiled vs 13.8-14.1 eager)")
     parser.add_argument("--compile-trl", action=argparse.BooleanOptionalAction, default=False,
                         help="torch.compile TRL's training model too (slower here: W1 step 6.9 s against 4.4 s)")
     parser.add_argument("--json", default=None, help="also write every raw result to this file")
@@ -504,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         f"# reasoning performance suite{' (quick)' if args.quick else ''}: {device}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; bf16 training autocast and generation: {args.bf16}; "
-        f"attention: {args.attention}; torch.compile: ours {args.compile_ours}, TRL {args.compile_trl}"
+        f"attention: {args.attention}; torch.compile: ours {args.compile_ours} (W4: {args.compile_ours_w4}), TRL {args.compile_trl}"
     )
     started = time.perf_counter()
     for section in SECTIONS:

@@ -8,11 +8,8 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import pytest  # noqa: E402
-from transformers import TrainingArguments  # noqa: E402
 
-from reasoning.data.datasets import load_records  # noqa: E402
-from reasoning.models.tiny import build_tiny_model  # noqa: E402
-from reasoning.trainers.sft import make_sft_trainer  # noqa: E402
+from reasoning.testing import train_tiny_sft  # noqa: E402
 
 CHILD_ENV = "REASONING_TEST_CHILD"  # set in the process that runs an `own_process` test's body
 TRAINED_TINY_ENV = "REASONING_TRAINED_TINY_DIR"
@@ -49,23 +46,8 @@ def trained_tiny_dir(tmp_path_factory):
     if os.environ.get(TRAINED_TINY_ENV):
         return Path(os.environ[TRAINED_TINY_ENV])
     path = tmp_path_factory.mktemp("tiny-trained")
-    model, tokenizer = build_tiny_model("1m", seed=0)
-    records = load_records("synthetic:addition?digits=3&n=4000&seed=5&split=train")
-    args = TrainingArguments(
-        output_dir=str(path / "run"),
-        max_steps=60,
-        per_device_train_batch_size=64,
-        learning_rate=3e-3,
-        warmup_steps=5,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-    )
-    make_sft_trainer(model, tokenizer, records, args).train()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    # seed 42: transformers' default, with which the tests' tolerances were set
+    return train_tiny_sft(path, "synthetic:addition?digits=3&n=4000&seed=5&split=train", steps=60, seed=42)
 
 
 @pytest.fixture(scope="session")

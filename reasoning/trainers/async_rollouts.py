@@ -50,6 +50,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from reasoning.rollout import Rollout, RolloutEngine, Sampling
 
 logger = logging.getLogger(__name__)
@@ -130,6 +132,7 @@ class RolloutPrefetch:
         self._request: Request | None = None
         self._future: Future[tuple[list[list[Rollout]], float]] | None = None
         self._warned = False
+        self._threads = torch.get_num_threads()
 
     @property
     def pending(self) -> Request | None:
@@ -137,6 +140,10 @@ class RolloutPrefetch:
         return self._request
 
     def _generate(self, request: Request) -> tuple[list[list[Rollout]], float]:
+        # torch sets a thread's OpenMP count lazily, at its first parallel op, to the last count any
+        # thread set; vLLM's CPU attention plans with the count it reads first and refuses a different
+        # one at run time ("thread_num == thread_num (2 vs. 1)"). Fix this thread's count before vLLM runs.
+        torch._C.set_num_threads(self._threads)
         with self._lock:
             start = time.monotonic()
             groups = self.engine.generate(request.prompt_ids, request.sampling, n=request.n, seeds=request.seeds)
@@ -149,6 +156,7 @@ class RolloutPrefetch:
                 f"a generation for cycle {self._request.cycle} is already ahead; take it before starting another"
             )
         self._request = request
+        self._threads = torch.get_num_threads()  # the trainer's count, for the generating thread
         if not self.background:
             future: Future = Future()
             try:

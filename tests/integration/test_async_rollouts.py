@@ -15,12 +15,13 @@ import math
 import threading
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from reasoning.data.datasets import load_records
 from reasoning.models.scoring import completion_logprobs
 from reasoning.rewards.verifier import correctness
 from reasoning.rollout import Sampling
+from reasoning.testing import cpu_training_args
 from reasoning.trainers.checkpoint import EXTRA_STATE, load_state_file
 from reasoning.trainers.grpo import GRPOConfig, GRPOTrainer
 
@@ -52,20 +53,10 @@ class RecordingGRPO(GRPOTrainer):
 def make_trainer(path, output_dir, engine, max_staleness=1, max_steps=4, save_steps=100):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=max_steps,
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=1,
-        learning_rate=3e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_steps=save_steps,
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
+    args = cpu_training_args(
+        output_dir, max_steps=max_steps, per_device_train_batch_size=8, learning_rate=3e-3,
+        lr_scheduler_type="constant", save_strategy="steps", save_steps=save_steps,
+    )  # fmt: skip
     snapshots = Snapshots()
     trainer = RecordingGRPO(
         model=model,

@@ -29,9 +29,9 @@ from reasoning.recipes import reward_functions
 from reasoning.recipes.schema import RewardConfig
 from reasoning.rollout import Sampling
 from reasoning.rollout.hf import HFEngine
+from reasoning.testing import cpu_training_args, train_tiny_sft
 from reasoning.trainers.checkpoint import EXTRA_STATE, load_state_file
 from reasoning.trainers.grpo import GRPOConfig, GRPOTrainer
-from reasoning.trainers.sft import make_sft_trainer
 
 G, PROMPTS, STEPS = 4, 4, 3
 MAX_TOKENS, CACHE = 16, 8  # completions run ~10-14 tokens: the penalty ramp starts at 8
@@ -42,25 +42,7 @@ METRICS = ("dynamic_sampling/dropped_groups", "dynamic_sampling/generated_groups
 @pytest.fixture(scope="module")
 def one_digit_policy(trained_tiny_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("one-digit")
-    model = AutoModelForCausalLM.from_pretrained(trained_tiny_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(trained_tiny_dir)
-    args = TrainingArguments(
-        output_dir=str(path / "run"),
-        max_steps=40,
-        per_device_train_batch_size=64,
-        learning_rate=3e-3,
-        warmup_steps=5,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
-    records = load_records("synthetic:addition?digits=1&n=2000&seed=5&split=train")
-    make_sft_trainer(model, tokenizer, records, args).train()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return train_tiny_sft(path, "synthetic:addition?digits=1&n=2000&seed=5&split=train", 40, start=trained_tiny_dir)
 
 
 class RecordingGRPO(GRPOTrainer):
@@ -80,20 +62,7 @@ def alike(values: list[float]) -> bool:
 
 
 def arguments(output_dir, **overrides) -> TrainingArguments:
-    values = dict(
-        output_dir=str(output_dir),
-        max_steps=STEPS,
-        per_device_train_batch_size=G * PROMPTS,
-        gradient_accumulation_steps=1,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
-    return TrainingArguments(**{**values, **overrides})
+    return cpu_training_args(output_dir, **{"max_steps": STEPS, "per_device_train_batch_size": G * PROMPTS, **overrides})
 
 
 def shaped_rewards():

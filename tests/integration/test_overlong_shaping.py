@@ -12,12 +12,13 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reasoning.data.datasets import load_records
 from reasoning.recipes import reward_functions
 from reasoning.recipes.schema import RewardConfig
 from reasoning.rollout import Sampling
+from reasoning.testing import cpu_training_args
 from reasoning.trainers.grpo import GRPOConfig, GRPOTrainer
 
 MAX_TOKENS, CACHE = 40, 20  # the tiny model's scratchpads run ~25-40 tokens: across the ramp
@@ -58,19 +59,7 @@ def test_grpo_logs_the_soft_overlong_penalty_of_every_completion(trained_tiny_di
     )
     trainer = GRPOTrainer(
         model=model,
-        args=TrainingArguments(
-            output_dir=str(tmp_path),
-            max_steps=2,
-            per_device_train_batch_size=16,
-            gradient_accumulation_steps=1,
-            learning_rate=1e-3,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            use_cpu=True,
-            seed=0,
-        ),
+        args=cpu_training_args(tmp_path, max_steps=2, per_device_train_batch_size=16),
         config=GRPOConfig(num_generations=4, loss_type="dapo", mask_truncated_completions=True),
         train_dataset=load_records("synthetic:addition?digits=3&n=64&seed=3&split=train"),
         processing_class=tokenizer,

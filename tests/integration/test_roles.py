@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reasoning.data.datasets import load_records
 from reasoning.models.lora import apply_lora
@@ -13,6 +13,7 @@ from reasoning.models.scoring import Warpers, completion_logprobs
 from reasoning.rewards.verifier import correctness
 from reasoning.rollout import Sampling
 from reasoning.rollout.hf import HFEngine
+from reasoning.testing import cpu_training_args
 from reasoning.trainers.base import LossOutput
 from reasoning.trainers.checkpoint import latest_complete_checkpoint
 from reasoning.trainers.grpo import GRPOConfig, GRPOTrainer
@@ -47,23 +48,10 @@ class HeadTrainer(GRPOTrainer):
 def make_trainer(path, output_dir, cls=GRPOTrainer, model=None, beta=0.04, max_steps=2, **args):
     model = model or AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    values = dict(
-        output_dir=str(output_dir),
-        max_steps=max_steps,
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=1,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
+    values = dict(max_steps=max_steps, per_device_train_batch_size=8, learning_rate=1e-2, lr_scheduler_type="constant")
     return cls(
         model=model,
-        args=TrainingArguments(**{**values, **args}),
+        args=cpu_training_args(output_dir, **{**values, **args}),
         config=GRPOConfig(num_generations=4, loss_type="grpo", beta=beta),
         train_dataset=load_records(DATA),
         processing_class=tokenizer,

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reasoning.data.datasets import load_records
 from reasoning.rollout import Sampling
 from reasoning.rollout.hf import HFEngine
+from reasoning.testing import cpu_training_args
 from reasoning.trainers.grpo import GRPOConfig, GRPOTrainer
 
 MAX_TOKENS = 40
@@ -34,22 +35,10 @@ def digit_share(completions, **_):
 def make_trainer(path, output_dir, loss_type, budget=None, padding_free="auto", cls=GRPOTrainer, **config):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        optim="sgd",
-        learning_rate=1.0,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
+    args = cpu_training_args(
+        output_dir, max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2, optim="sgd",
+        learning_rate=1.0, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, logging_steps=500,
+    )  # fmt: skip
     return cls(
         model=model,
         args=args,
