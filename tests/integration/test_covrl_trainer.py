@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reasoning.data.datasets import load_records
 from reasoning.data.templates import encode
@@ -15,6 +15,7 @@ from reasoning.rewards.likelihood import group_reward_std
 from reasoning.rewards.verifier import correctness
 from reasoning.rollout import Sampling
 from reasoning.rollout.hf import HFEngine
+from reasoning.testing import cpu_training_args
 from reasoning.trainers.covrl import CoVRLConfig, CoVRLTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,20 +27,8 @@ def make_trainer(
 ):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    values = dict(
-        output_dir=str(output_dir),
-        max_steps=max_steps,
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
-    training = TrainingArguments(**{**values, **(args or {})})
+    values = dict(max_steps=max_steps, per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    training = cpu_training_args(output_dir, **{**values, **(args or {})})
     return CoVRLTrainer(
         model=model,
         args=training,

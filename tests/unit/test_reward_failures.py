@@ -13,6 +13,7 @@ from reasoning.models.latent_thought import build_latent_thought_model
 from reasoning.models.tiny import build_char_tokenizer, build_tiny_model
 from reasoning.rollout import Sampling
 from reasoning.rollout.hf import HFEngine
+from reasoning.testing import cpu_training_args
 from reasoning.trainers.base import (
     GroupBatchSampler,
     NonFiniteLossError,
@@ -300,18 +301,8 @@ LATENT = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size
 
 
 def guard_args(tmp_path, max_steps=3):
-    return TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=max_steps,
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
+    return cpu_training_args(
+        tmp_path, max_steps=max_steps, per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-2
     )
 
 
