@@ -216,6 +216,20 @@ def _original_module(wrapper: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
+def check_generate_inputs(
+    prompt_ids: list[list[int]], seeds: list[int] | None, max_model_len: int, limit: str, fix: str
+) -> None:
+    """Raise a ValueError before any generation when a prompt leaves no room for one completion token
+    in `max_model_len` (named `limit`, remedied by `fix`), or when `seeds` is not one per prompt."""
+    too_long = [i for i, p in enumerate(prompt_ids) if len(p) + 1 > max_model_len]
+    if too_long:
+        raise ValueError(
+            f"prompt {too_long[0]} has {len(prompt_ids[too_long[0]])} tokens; {limit} is {max_model_len}: {fix}"
+        )
+    if seeds is not None and len(seeds) != len(prompt_ids):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts: give one seed per prompt")
+
+
 def iter_full_weights(
     model: torch.nn.Module, dtype: torch.dtype | None = None, merge_adapters: bool = True
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -703,14 +717,13 @@ class VLLMEngine:
             )
         if self._asleep:
             self.wake_up()
-        too_long = [i for i, p in enumerate(prompt_ids) if len(p) + 1 > self.max_model_len]
-        if too_long:
-            raise ValueError(
-                f"prompt {too_long[0]} has {len(prompt_ids[too_long[0]])} tokens; the engine's max_model_len is "
-                f"{self.max_model_len}: raise rollout.engine_kwargs.max_model_len or shorten the prompts"
-            )
-        if seeds is not None and len(seeds) != len(prompt_ids):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts: give one seed per prompt")
+        check_generate_inputs(
+            prompt_ids,
+            seeds,
+            self.max_model_len,
+            "the engine's max_model_len",
+            "raise rollout.engine_kwargs.max_model_len or shorten the prompts",
+        )
         local = [list(p) for p in prompt_ids]
         # vLLM refuses n > 1 with greedy sampling; greedy completions are all the same, so one is
         # generated per prompt and copied n times

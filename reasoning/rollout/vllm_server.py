@@ -68,7 +68,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from reasoning.rollout.base import Rollout, Sampling
-from reasoning.rollout.vllm_engine import iter_full_weights
+from reasoning.rollout.vllm_engine import check_generate_inputs, iter_full_weights
 
 logger = logging.getLogger(__name__)
 
@@ -391,15 +391,14 @@ class VLLMServerEngine:
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        if seeds is not None and len(seeds) != len(prompt_ids):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts: give one seed per prompt")
         self._require_consistent()
-        too_long = [i for i, p in enumerate(prompt_ids) if len(p) + 1 > self.max_model_len]
-        if too_long:
-            raise ValueError(
-                f"prompt {too_long[0]} has {len(prompt_ids[too_long[0]])} tokens; the servers' max_model_len is "
-                f"{self.max_model_len}: restart them with a larger --max-model-len or shorten the prompts"
-            )
+        check_generate_inputs(
+            prompt_ids,
+            seeds,
+            self.max_model_len,
+            "the servers' max_model_len",
+            "restart them with a larger --max-model-len or shorten the prompts",
+        )
         # (prompts, sampling) per request: batches of `batch_size` prompts, or one prompt per seed
         if seeds is None:
             jobs = [

@@ -110,7 +110,7 @@ from reasoning.trainers.microbatch import (
     slice_rows,
 )
 from reasoning.trainers.nonfinite import NonFiniteLossError as NonFiniteLossError  # re-exported (CLI)
-from reasoning.trainers.nonfinite import NonFiniteLossGuard
+from reasoning.trainers.nonfinite import NonFiniteLossGuard, max_nonfinite_losses_field
 from reasoning.trainers.roles import FrozenModel, SideParameters
 
 RewardFunction = Callable[..., list[float | None]]
@@ -149,14 +149,7 @@ class RolloutTrainerConfig:
             "(NaN, summed as 0) and counts it in the metric rewards/failures."
         },
     )
-    max_nonfinite_losses: int = field(
-        default=3,
-        metadata={
-            "help": "An optimizer step in which any micro-batch's loss is NaN/inf is skipped whole (no "
-            "weight or optimizer-state change; metric train/nonfinite_loss_skipped); training stops with an "
-            "error after more than this many skipped steps in a row."
-        },
-    )
+    max_nonfinite_losses: int = max_nonfinite_losses_field()
     max_tokens_per_microbatch: int | None = field(
         default=None,
         metadata={
@@ -943,20 +936,10 @@ class RolloutTrainer(MetricsRecorder, NonFiniteLossGuard, ResumableTrainer, Trai
             return FrozenModel(policy, scorer, rows, adapter=True)
         return FrozenModel(self.policy_copy(frozen=True), scorer, rows)
 
-    def add_side_parameters(
-        self,
-        name: str,
-        module: torch.nn.Module,
-        lr: float,
-        *,
-        weight_decay: float = 0.0,
-        step: Literal["policy", "manual"] = "policy",
-        optimizer_cls: type[torch.optim.Optimizer] | None = None,
-        optimizer_kwargs: dict[str, Any] | None = None,
-        max_grad_norm: float | None = None,
-        save_module: bool = True,
-    ) -> SideParameters:
-        """Train `module`'s parameters beside the policy at learning rate `lr` (`trainers.roles.SideParameters`).
+    def add_side_parameters(self, name: str, module: torch.nn.Module, lr: float, **options: Any) -> SideParameters:
+        """Train `module`'s parameters beside the policy at learning rate `lr` (`trainers.roles.SideParameters`,
+        whose keyword arguments `options` are: weight_decay, step, optimizer_cls, optimizer_kwargs,
+        max_grad_norm, save_module).
 
         `step="policy"`: stepped with each optimizer step of the policy (following its schedule);
         `step="manual"`: an optimizer of their own (`optimizer_cls`, default AdamW) that the trainer
@@ -967,18 +950,7 @@ class RolloutTrainer(MetricsRecorder, NonFiniteLossGuard, ResumableTrainer, Trai
         if name in self.side_parameters:
             raise ValueError(f"side parameters {name!r} are already registered")
         module.to(self.args.device)
-        side = SideParameters(
-            self,
-            name,
-            module,
-            lr,
-            weight_decay=weight_decay,
-            step=step,
-            optimizer_cls=optimizer_cls,
-            optimizer_kwargs=optimizer_kwargs,
-            max_grad_norm=max_grad_norm,
-            save_module=save_module,
-        )
+        side = SideParameters(self, name, module, lr, **options)
         self.side_parameters[name] = side
         if self.optimizer is not None:  # created already (a late registration)
             side.attach(self.optimizer)

@@ -54,7 +54,7 @@ from reasoning.objectives.latent import gaussian_kl_standard_normal, reconstruct
 from reasoning.objectives.logprobs import token_logprobs_from_logits
 from reasoning.trainers.base import MetricsRecorder
 from reasoning.trainers.checkpoint import ResumableTrainer
-from reasoning.trainers.nonfinite import NonFiniteLossGuard
+from reasoning.trainers.nonfinite import NonFiniteLossGuard, max_nonfinite_losses_field
 
 
 @dataclass
@@ -82,13 +82,7 @@ class DualRateConfig(LatentInferenceConfig):
         default=2, metadata={"help": "Solved training examples before the question in a few-shot prompt."}
     )
     answer_max_tokens: int = field(default=48, metadata={"help": "Tokens decoded per few-shot answer."})
-    max_nonfinite_losses: int = field(
-        default=3,
-        metadata={
-            "help": "An optimizer step in which any micro-batch's loss is NaN/inf is skipped whole (metric "
-            "train/nonfinite_loss_skipped); training stops with an error after more than this many in a row."
-        },
-    )
+    max_nonfinite_losses: int = max_nonfinite_losses_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -139,6 +133,7 @@ class LatentThoughtTrainer(MetricsRecorder, NonFiniteLossGuard, ResumableTrainer
     def __init__(self, *args: Any, dual_rate: DualRateConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dual_rate = dual_rate or DualRateConfig()
+        self.max_nonfinite_losses = self.dual_rate.max_nonfinite_losses  # NonFiniteLossGuard's limit
         self._signature_columns = ["input_ids", "attention_mask", "labels"]
         # Makes the Trainer count the labelled tokens of each optimiser step (num_items_in_batch).
         self.model_accepts_loss_kwargs = True
@@ -203,11 +198,6 @@ class LatentThoughtTrainer(MetricsRecorder, NonFiniteLossGuard, ResumableTrainer
         if model.training:  # a NaN/inf loss skips the whole optimizer step (NonFiniteLossGuard)
             loss = self.skip_nonfinite_loss(model, loss)
         return (loss, outputs) if return_outputs else loss
-
-    @property
-    def max_nonfinite_losses(self) -> int:
-        """`NonFiniteLossGuard`'s limit of skipped optimizer steps in a row, from the config."""
-        return self.dual_rate.max_nonfinite_losses
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation loss: NELBO per scored token after the fast loop (exp of it bounds perplexity)."""

@@ -26,9 +26,22 @@ the previous log (the same on every rank).
 from __future__ import annotations
 
 import types
+from dataclasses import field
 from typing import Any
 
 import torch
+
+
+def max_nonfinite_losses_field() -> Any:
+    """The `max_nonfinite_losses` field of every trainer's config (one default, one help text)."""
+    return field(
+        default=3,
+        metadata={
+            "help": "An optimizer step in which any micro-batch's loss is NaN/inf is skipped whole (no "
+            "weight or optimizer-state change; metric train/nonfinite_loss_skipped); training stops with an "
+            "error after more than this many skipped steps in a row."
+        },
+    )
 
 
 class NonFiniteLossError(RuntimeError):

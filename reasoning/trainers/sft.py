@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 from reasoning.data.templates import Template, template_for
 from reasoning.objectives.logprobs import token_logprobs_from_logits
 from reasoning.trainers.checkpoint import ResumableTrainer
-from reasoning.trainers.nonfinite import NonFiniteLossGuard
+from reasoning.trainers.nonfinite import NonFiniteLossGuard, max_nonfinite_losses_field
 
 
 @dataclass
@@ -61,13 +61,7 @@ class SFTConfig:
         },
     )
 
-    max_nonfinite_losses: int = field(
-        default=3,
-        metadata={
-            "help": "An optimizer step in which any micro-batch's loss is NaN/inf is skipped whole (metric "
-            "train/nonfinite_loss_skipped); training stops with an error after more than this many in a row."
-        },
-    )
+    max_nonfinite_losses: int = max_nonfinite_losses_field()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.posterior_fraction <= 1.0:
@@ -157,6 +151,7 @@ class SFTTrainer(NonFiniteLossGuard, ResumableTrainer, Trainer):
     def __init__(self, *args: Any, sft_config: SFTConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sft_config = sft_config or SFTConfig()
+        self.max_nonfinite_losses = self.sft_config.max_nonfinite_losses  # NonFiniteLossGuard's limit
         self._signature_columns = ["input_ids", "labels", "weight"]
         self.loss_constant = self.sft_config.loss_constant
         if self.sft_config.dr_sft and self.loss_constant is None:
@@ -185,11 +180,6 @@ class SFTTrainer(NonFiniteLossGuard, ResumableTrainer, Trainer):
         if model.training:  # a NaN/inf loss skips the whole optimizer step (NonFiniteLossGuard)
             loss = self.skip_nonfinite_loss(model, loss)
         return (loss, outputs) if return_outputs else loss
-
-    @property
-    def max_nonfinite_losses(self) -> int:
-        """`NonFiniteLossGuard`'s limit of skipped optimizer steps in a row, from the config."""
-        return self.sft_config.max_nonfinite_losses
 
 
 def make_sft_trainer(

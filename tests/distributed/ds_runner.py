@@ -67,35 +67,29 @@ def main(out: str, model_path: str, stages: str, family: str, zero3_families: st
 
 def run(out_dir: Path, model_path: str, stage: str, family: str, max_steps: int = 2) -> None:
     from accelerate.state import AcceleratorState
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from reasoning.data.datasets import load_records
     from reasoning.rollout import Sampling
     from reasoning.rollout.hf import HFEngine
     from reasoning.rollout.vllm_engine import iter_full_weights
+    from reasoning.testing import cpu_training_args
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if stage != "none":
         # a new DeepSpeed plugin per stage: forget the previous accelerator state (not the process group)
         AcceleratorState._reset_state()
-    args = TrainingArguments(
-        output_dir=str(out_dir),
+    args = cpu_training_args(
+        out_dir,
         max_steps=max_steps,
         per_device_train_batch_size=GLOBAL_BATCH // world,
-        gradient_accumulation_steps=1,
         optim="sgd",
         learning_rate=0.1,
         lr_scheduler_type="constant",
         weight_decay=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
         deepspeed=zero_config(int(stage)) if stage != "none" else None,
     )
-    # after TrainingArguments: with a ZeRO-3 config it makes from_pretrained partition the weights
+    # after the TrainingArguments: with a ZeRO-3 config it makes from_pretrained partition the weights
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     records = load_records("synthetic:addition?digits=3&n=64&seed=3&split=train")

@@ -25,10 +25,11 @@ import torch  # noqa: E402
 
 def run(out_dir: Path, backend: str) -> None:
     from accelerate.state import AcceleratorState
-    from transformers import TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback
 
     from reasoning.data.datasets import load_records
     from reasoning.models.tiny import build_tiny_model
+    from reasoning.testing import cpu_training_args
     from reasoning.trainers.sft import make_sft_trainer
 
     if backend != "ddp":  # a new DeepSpeed plugin: forget the previous accelerator state (not the group)
@@ -43,19 +44,13 @@ def run(out_dir: Path, backend: str) -> None:
             "zero_allow_untested_optimizer": True,
             "zero_optimization": {"stage": 2},
         }
-    args = TrainingArguments(
-        output_dir=str(out_dir),
+    args = cpu_training_args(
+        out_dir,
         max_steps=3,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,
         learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
         deepspeed=deepspeed,
-        seed=0,
     )
     model, tokenizer = build_tiny_model("1m", seed=0)
     records = load_records("synthetic:addition?digits=2&n=64&seed=0&split=train")

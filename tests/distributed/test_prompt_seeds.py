@@ -49,3 +49,7 @@ def test_vllm_engine_samples_each_seeded_prompt_independently(vllm_engine, train
     vllm_engine.sync_weights(model)  # the shared engine may hold another test's weights
     prompts = [vllm_engine.tokenizer(q, add_special_tokens=False)["input_ids"] for q in QUESTIONS]
     _check_engine(vllm_engine, prompts)
+    # a prompt without room for one completion token in max_model_len is refused before generating
+    too_long = [prompts[0][0]] * vllm_engine.max_model_len
+    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens; the engine's max_model_len is .*engine_kwargs"):
+        vllm_engine.generate([prompts[0], too_long], SAMPLING, n=1)

@@ -37,6 +37,7 @@ from reasoning.models.latent_thought import (
 from reasoning.models.tiny import build_char_tokenizer
 from reasoning.objectives.latent import gaussian_kl_standard_normal
 from reasoning.recipes import RecipeError, build_trainer, load_model_and_tokenizer, parse_recipe
+from reasoning.testing import cpu_training_args
 from reasoning.trainers.latent_thought import DualRateConfig, LatentThoughtCollator, LatentThoughtTrainer
 
 SMALL = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "latents_per_layer": 4}
@@ -289,17 +290,8 @@ def test_fast_loop_under_ddp_triggers_no_reduction(dataset, tmp_path):
 def test_trainer_runs_with_gradient_accumulation_and_updates_the_decoder(dataset, tmp_path):
     model = small_model(seed=6)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=5,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        learning_rate=3e-3,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
+    args = cpu_training_args(
+        tmp_path, max_steps=5, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=3e-3, seed=42
     )
     trainer = LatentThoughtTrainer(
         model=model,

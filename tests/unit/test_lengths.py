@@ -18,6 +18,7 @@ from reasoning.recipes import (
     load_training_records,
     parse_recipe,
 )
+from reasoning.rollout.vllm_engine import check_generate_inputs
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +172,12 @@ def test_the_eval_section_is_checked_before_training(short_model):
     with pytest.raises(RecipeError, match="eval.max_tokens must be at least 1"):
         check(max_tokens=0)
     assert check_eval_lengths(parse_recipe(recipe_for(path)), model, tokenizer) is None  # no benchmarks
+
+
+def test_generate_inputs_are_checked_before_any_generation():
+    """The vLLM engine's and the servers' shared check: a prompt must leave one token of max_model_len."""
+    check_generate_inputs([[1] * 9, [2]], [1, 2], 10, "the engine's max_model_len", "raise it")  # fits
+    with pytest.raises(ValueError, match=r"prompt 1 has 10 tokens; the servers' max_model_len is 10: restart"):
+        check_generate_inputs([[1], [1] * 10], None, 10, "the servers' max_model_len", "restart them")
+    with pytest.raises(ValueError, match="1 seeds for 2 prompts: give one seed per prompt"):
+        check_generate_inputs([[1], [2]], [7], 10, "the engine's max_model_len", "raise it")

@@ -118,18 +118,12 @@ def test_none_is_not_applicable_unless_no_function_applies():
 
 def make_trainer(tmp_path, reward, trainer_class=GRPOTrainer, max_steps=3, accumulation=1, **config):
     model, tokenizer = build_tiny_model("1m", seed=0)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
+    args = cpu_training_args(
+        tmp_path,
         max_steps=max_steps,
         per_device_train_batch_size=8,
         gradient_accumulation_steps=accumulation,
         learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
     )
     config_class = GFlowNetConfig if trainer_class is GFlowNetTrainer else GRPOConfig
     return trainer_class(

@@ -3,10 +3,10 @@
 import pytest
 import torch
 from datasets import Dataset
-from transformers import TrainingArguments
 
 from reasoning.data.datasets import load_records
 from reasoning.models.tiny import build_tiny_model
+from reasoning.testing import cpu_training_args
 from reasoning.trainers.sft import SFTConfig, make_sft_trainer, mean_completion_length, tokenize_sft
 
 
@@ -20,8 +20,8 @@ def one_step(tmp_path, data, batch, accumulation, dr_sft=True, weights=None):
     model, tokenizer = build_tiny_model("1m", seed=0)
     if weights is not None:
         data = data.add_column("weight", weights)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / f"b{batch}-ga{accumulation}"),
+    args = cpu_training_args(
+        tmp_path / f"b{batch}-ga{accumulation}",
         max_steps=1,
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation,
@@ -29,11 +29,6 @@ def one_step(tmp_path, data, batch, accumulation, dr_sft=True, weights=None):
         optim="sgd",
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
         dataloader_drop_last=True,
     )
     trainer = make_sft_trainer(model, tokenizer, data, args, SFTConfig(max_length=128, dr_sft=dr_sft))
