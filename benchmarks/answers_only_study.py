@@ -73,6 +73,18 @@ VERIFIER = ("rft", "rft_debiased", "grpo", "grpo_debiased")
 NO_VERIFIER = ("covrl_a0.1", "covrl_a0.5", "covrl_a0.9", "verifree", "rlpr", "jepo", "nover", "latro")
 DIVERSITY = ("gflownet_tb", "gflownet_msubtb", "dpg")
 ROWS = ("theta0", "sft_traced", "sft_all", *VARIATIONAL, *VERIFIER, *NO_VERIFIER, *DIVERSITY)
+# the rows each trainer's docs page shows (with the references every row is compared with)
+REFERENCES = ("theta0", "sft_traced", "sft_all")
+PAGES = {
+    "sft": REFERENCES,
+    "variational": (*REFERENCES, *VARIATIONAL),
+    "grpo": (*REFERENCES, *VERIFIER),
+    "covrl": (*REFERENCES, *NO_VERIFIER),
+    "gflownet": (*REFERENCES, "gflownet_tb", "gflownet_msubtb"),
+    "bayes": (*REFERENCES, "dpg"),
+    "answers_only_study": ROWS,
+}
+DOCS = REPO / "docs"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,6 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=8, help="samples per held-out question for avg@k")
     parser.add_argument("--limit", type=int, default=None, help="held-out questions (default: all, 200)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--docs",
+        action="store_true",
+        help="train nothing: copy <run-dir>/results.{json,md} and accuracy.png to docs/studies/answers-only-<task>/ "
+        "and rewrite each trainer page's table between <!-- study:<task> --> and <!-- /study --> from them",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.train_questions, args.init_steps, args.sft_steps, args.rl_steps = 600, 6, 4, 2
@@ -340,13 +358,13 @@ def run_row(row: str, args: argparse.Namespace, data: dict[str, Path], theta0: s
 
 
 # ---------------------------------------------------------------------------------------------- report
-def table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
+def table(args: argparse.Namespace, results: dict[str, dict[str, Any]], rows: tuple[str, ...] = ROWS) -> str:
     k = args.k
     lines = [
         f"| row | greedy % | vs SFT traced (pts ± se) | vs π_θ0 | avg@{k} % | pass@{k} % | distinct correct | seconds | samples |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in ROWS:
+    for row in rows:
         if row not in results:
             continue
         r = results[row]
@@ -380,8 +398,42 @@ def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def write_docs(args: argparse.Namespace) -> list[Path]:
+    """Publish a finished study: its results to docs/studies/answers-only-<task>/ and, on every page of
+    `PAGES` that has the marker pair, that page's rows as a table (the pages that lack it are listed)."""
+    import re
+
+    source = args.run_dir / "results.json"
+    if not source.exists():
+        raise SystemExit(f"--docs: no {source}; run the study into --run-dir first")
+    summary = json.loads(source.read_text())
+    results, args.k = summary["rows"], summary["settings"]["k"]
+    target = DOCS / "studies" / f"answers-only-{args.task.replace('_', '-')}"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("results.json", "results.md", "accuracy.png"):
+        if (args.run_dir / name) != (target / name):
+            shutil.copyfile(args.run_dir / name, target / name)
+    marker = re.compile(rf"(<!-- study:{args.task} -->\n)(.*?)(<!-- /study -->)", re.DOTALL)
+    written, missing = [], []
+    for page, rows in PAGES.items():
+        path = DOCS / f"{page}.md"
+        text = path.read_text()
+        if not marker.search(text):
+            missing.append(path.name)
+            continue
+        path.write_text(marker.sub(lambda m, rows=rows: m.group(1) + table(args, results, rows) + m.group(3), text))
+        written.append(path)
+    if missing:
+        print(f"[study] no <!-- study:{args.task} --> marker in: {', '.join(missing)}")
+    return written
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.docs:
+        for path in write_docs(args):
+            print(f"[study] table written: {path}")
+        return {}
     args.run_dir.mkdir(parents=True, exist_ok=True)
     data = write_data(args)
     init = args.run_dir / "init"
