@@ -91,22 +91,28 @@ def test_quick_study_writes_its_rows_table_and_plot_and_resumes(tmp_path):
     assert {log: log.stat().st_mtime_ns for log in run_dir.rglob("study.log")} == logs
 
 
-def test_docs_tables_are_the_committed_results(tmp_path):
+PUBLISHED = sorted(p.name.removeprefix("answers-only-") for p in (REPO / "docs" / "studies").glob("answers-only-*"))
+
+
+@pytest.mark.parametrize("published", PUBLISHED)
+def test_docs_tables_are_the_committed_results(published, tmp_path):
     """Each trainer page's study table is what `--docs` writes from docs/studies/.../results.json."""
     study = _study()
+    task = published.replace("-", "_")
     docs = tmp_path / "docs"
     docs.mkdir()
     for page in study.PAGES:
         (docs / f"{page}.md").write_text((REPO / "docs" / f"{page}.md").read_text())
     study.DOCS = docs
-    run_dir = REPO / "docs" / "studies" / "answers-only-countdown"
-    args = study.parse_args(["--task", "countdown", "--run-dir", str(run_dir), "--docs"])
-    study.main(["--task", "countdown", "--run-dir", str(run_dir), "--docs"])
-    results = json.loads((run_dir / "results.json").read_text())["rows"]
-    args.k = 8
+    run_dir = REPO / "docs" / "studies" / f"answers-only-{published}"
+    args = study.parse_args(["--task", task, "--run-dir", str(run_dir), "--docs"])
+    study.main(["--task", task, "--run-dir", str(run_dir), "--docs"])
+    summary = json.loads((run_dir / "results.json").read_text())
+    assert summary["task"] == task
+    args.k = summary["settings"]["k"]
     for page, rows in study.PAGES.items():
         written = (docs / f"{page}.md").read_text()
         assert written == (REPO / "docs" / f"{page}.md").read_text(), f"docs/{page}.md is stale: run --docs"
-        assert study.table(args, results, rows) in written
+        assert f"<!-- study:{task} -->\n" + study.table(args, summary["rows"], rows) in written
         assert all(f"| {row} |" in written for row in rows)
-    assert (docs / "studies" / "answers-only-countdown" / "results.json").exists()
+    assert (docs / "studies" / f"answers-only-{published}" / "results.json").exists()
