@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -401,8 +402,6 @@ def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
 def write_docs(args: argparse.Namespace) -> list[Path]:
     """Publish a finished study: its results to docs/studies/answers-only-<task>/ and, on every page of
     `PAGES` that has the marker pair, that page's rows as a table (the pages that lack it are listed)."""
-    import re
-
     source = args.run_dir / "results.json"
     if not source.exists():
         raise SystemExit(f"--docs: no {source}; run the study into --run-dir first")
