@@ -143,7 +143,7 @@ class RolloutPrefetch:
         # torch sets a thread's OpenMP count lazily, at its first parallel op, to the last count any
         # thread set; vLLM's CPU attention plans with the count it reads first and refuses a different
         # one at run time ("thread_num == thread_num (2 vs. 1)"). Fix this thread's count before vLLM runs.
-        torch._C.set_num_threads(self._threads)
+        torch.set_num_threads(self._threads)
         with self._lock:
             start = time.monotonic()
             groups = self.engine.generate(request.prompt_ids, request.sampling, n=request.n, seeds=request.seeds)
